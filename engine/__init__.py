@@ -1,0 +1,1 @@
+"""loraplane's data plane: the paged multi-adapter LLM engine."""

@@ -1,0 +1,193 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, SmolLM2) over the paged KV cache.
+
+Projections are plain nn.Linear modules that features (LoRA, tensor parallelism) replace on a
+built model; attention derives its head counts from the projections' widths so a sharded model
+needs no special case here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from loraplane.engine.attention import AttentionMetadata, paged_attention
+from loraplane.engine.config import ModelConfig, RopeScaling
+
+
+class KVCacheSource(Protocol):
+    def kv_layer(self, layer: int) -> torch.Tensor: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, **factory: object) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, **factory))  # type: ignore[arg-type]
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 as the reference implementation does, then back to the working dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """[head_dim / 2] inverse frequencies, with Llama-3 scaling of the long wavelengths."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for every position up to max_positions, applied in rotate-half layout."""
+
+    def __init__(self, config: ModelConfig, max_positions: int, device: torch.device) -> None:
+        super().__init__()
+        # The table is computed on the CPU in float32 (as the reference does), then moved.
+        with torch.device("cpu"):
+            inv = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+            freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [P, head_dim]
+        if device.type == "meta":
+            emb = emb[:1]
+        self.register_buffer("cos", emb.cos().to(device), persistent=False)
+        self.register_buffer("sin", emb.sin().to(device), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, hd] rotated by each row's position."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [T, 1, hd]
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, **factory: object) -> None:
+        super().__init__()
+        h, hd = config.hidden_size, config.head_dim
+        self.head_dim = hd
+        self.scale = hd ** -0.5
+        self.q_proj = nn.Linear(h, config.q_size, bias=False, **factory)  # type: ignore[arg-type]
+        self.k_proj = nn.Linear(h, config.kv_size, bias=False, **factory)  # type: ignore[arg-type]
+        self.v_proj = nn.Linear(h, config.kv_size, bias=False, **factory)  # type: ignore[arg-type]
+        self.o_proj = nn.Linear(config.q_size, h, bias=False, **factory)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q = rotary(self.q_proj(x).view(t, -1, self.head_dim), positions)  # [T, nh, hd]
+        k = rotary(self.k_proj(x).view(t, -1, self.head_dim), positions)  # [T, kvh, hd]
+        v = self.v_proj(x).view(t, -1, self.head_dim)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(o.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, **factory: object) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False, **factory)  # type: ignore[arg-type]
+        self.up_proj = nn.Linear(h, i, bias=False, **factory)  # type: ignore[arg-type]
+        self.down_proj = nn.Linear(i, h, bias=False, **factory)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, **factory: object) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
+        self.self_attn = Attention(config, **factory)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                                **factory)
+        self.mlp = MLP(config, **factory)
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers, final norm and LM head; parameter names follow HF's."""
+
+    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.config = config
+        factory: dict[str, object] = {"dtype": dtype, "device": device}
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         **factory)  # type: ignore[arg-type]
+        self.layers = nn.ModuleList(DecoderLayer(config, **factory)
+                                    for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False,
+                                 **factory)  # type: ignore[arg-type]
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(config, max_positions, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCacheSource,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, H]."""
+        h = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn(layer.input_layernorm(h), positions, self.rotary, kv.kv_layer(i),
+                                meta)
+            h = h + a
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N, vocab] in float32."""
+        return self.lm_head(hidden).float()
+
+
+def hf_state_dict_names(model: LlamaModel) -> dict[str, str]:
+    """Our parameter name -> the HF checkpoint name (HF prefixes everything but lm_head)."""
+    out = {}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        out[name] = name if name.startswith("lm_head") else "model." + name
+    return out
+
+
+def build_model(config: ModelConfig, weights: dict[str, torch.Tensor] | None, max_positions: int,
+                dtype: torch.dtype, device: torch.device, seed: int = 0) -> LlamaModel:
+    """Create the model on `device` from HF-named weights, or with random weights when None."""
+    model = LlamaModel(config, 1, dtype, torch.device("meta"))
+    model.to_empty(device=device)
+    model.rotary = Rotary(config, max_positions, device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    names = hf_state_dict_names(model)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for ours, param in model.named_parameters():
+            if weights is None:
+                if ours.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    # Random weights for benchmarks; scaled so activations stay finite.
+                    param.normal_(0.0, 0.02, generator=gen)
+                continue
+            theirs = names[ours]
+            if theirs not in weights and ours == "lm_head.weight":
+                theirs = "model.embed_tokens.weight"
+            t = weights.get(theirs)
+            if t is None:
+                raise ValueError(f"checkpoint has no tensor {theirs}")
+            if tuple(t.shape) != tuple(param.shape):
+                raise ValueError(f"tensor {theirs} has shape {tuple(t.shape)}, expected "
+                                 f"{tuple(param.shape)}")
+            param.copy_(t.to(dtype))
+    model.eval()
+    return model

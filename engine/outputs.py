@@ -1,0 +1,50 @@
+"""What the engine hands back to callers: per-request increments and adapter records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestOutput:
+    """One increment of a request's output (a streamed delta, or the last one with finished)."""
+
+    request_id: str
+    text_delta: str
+    token_ids_delta: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A registered adapter as the API and metrics see it."""
+
+    name: str
+    path: str
+    rank: int
+    alpha: float
+    modules: tuple[str, ...]
+    num_bytes: int
+    resident: bool  # its weights are in the device pool now
+
+
+@dataclass
+class EngineStats:
+    """Counters for /metrics and the residency report."""
+
+    running: int = 0
+    waiting: int = 0
+    pool_pages_total: int = 0
+    pool_pages_kv: int = 0
+    pool_pages_adapter: int = 0
+    page_bytes: int = 0
+    adapters_registered: int = 0
+    adapters_resident: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    requests_finished: dict[str, int] = field(default_factory=dict)  # finish_reason -> count
+    last_batch_size: int = 0
+    steps_total: int = 0

