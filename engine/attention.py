@@ -28,38 +28,48 @@ class AttentionMetadata:
     prefills: tuple[PrefillSegment, ...]
 
 
-def _expand_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """[..., kv_heads, S, hd] -> [..., kv_heads * groups, S, hd] for grouped-query attention."""
-    return t if groups == 1 else t.repeat_interleave(groups, dim=-3)
+def _group_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[n, nh, hd] -> [kvh, groups * n, hd]: the queries sharing a KV head become one sequence.
+
+    Grouped-query attention then needs no copy of K and V per query head.
+    """
+    n, nh, hd = q.shape
+    return q.view(n, kv_heads, nh // kv_heads, hd).permute(1, 2, 0, 3).reshape(kv_heads, -1, hd)
+
+
+def _ungroup(o: torch.Tensor, n: int) -> torch.Tensor:
+    """[kvh, groups * n, hd] -> [n, nh, hd]."""
+    kvh, gn, hd = o.shape
+    return o.view(kvh, gn // n, n, hd).permute(2, 0, 1, 3).reshape(n, -1, hd)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Store k/v [T, kvh, hd] in the cache [slots, 2, kvh, hd], attend q [T, nh, hd] -> [T, nh, hd]."""
+    """Store k/v [T, kvh, hd] in the cache [slots, 2, kvh, hd]; attend q [T, nh, hd] to it."""
     kv_cache[meta.slot_mapping, 0] = k
     kv_cache[meta.slot_mapping, 1] = v
-    groups = q.shape[1] // k.shape[1]
+    kvh = k.shape[1]
+    groups = q.shape[1] // kvh
     out = torch.empty_like(q)
     if meta.decode_rows.numel():
         ctx = kv_cache[meta.decode_slots]  # [D, C, 2, kvh, hd]
-        keys = _expand_kv(ctx[:, :, 0].transpose(1, 2), groups)  # [D, nh, C, hd]
-        vals = _expand_kv(ctx[:, :, 1].transpose(1, 2), groups)
-        qd = q[meta.decode_rows].unsqueeze(2)  # [D, nh, 1, hd]
+        keys = ctx[:, :, 0].transpose(1, 2)  # [D, kvh, C, hd]
+        vals = ctx[:, :, 1].transpose(1, 2)
+        d = meta.decode_rows.shape[0]
+        qd = q[meta.decode_rows].view(d, kvh, groups, -1)  # [D, kvh, groups, hd]
         o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=meta.decode_mask,
                                            scale=scale)
-        out[meta.decode_rows] = o.squeeze(2)
+        out[meta.decode_rows] = o.reshape(d, kvh * groups, -1)
     for seg in meta.prefills:
         ctx = kv_cache[seg.slots]  # [C, 2, kvh, hd]
-        keys = _expand_kv(ctx[:, 0].transpose(0, 1), groups)  # [nh, C, hd]
-        vals = _expand_kv(ctx[:, 1].transpose(0, 1), groups)
-        qs = q[seg.q_start:seg.q_start + seg.q_len].transpose(0, 1)  # [nh, q_len, hd]
+        keys = ctx[:, 0].transpose(0, 1)  # [kvh, C, hd]
+        vals = ctx[:, 1].transpose(0, 1)
+        n = seg.q_len
+        qs = _group_queries(q[seg.q_start:seg.q_start + n], kvh)  # [kvh, groups * n, hd]
         c = seg.slots.shape[0]
-        if c == seg.q_len:
-            o = F.scaled_dot_product_attention(qs, keys, vals, is_causal=True, scale=scale)
-        else:
-            # Query i sits at position c - q_len + i and sees keys 0..that position.
-            qpos = torch.arange(c - seg.q_len, c, device=q.device)[:, None]
-            mask = torch.arange(c, device=q.device)[None, :] <= qpos
-            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale)
-        out[seg.q_start:seg.q_start + seg.q_len] = o.transpose(0, 1)
+        # Query i sits at position c - n + i and sees keys 0..that position.
+        qpos = torch.arange(c - n, c, device=q.device).repeat(groups)[:, None]
+        mask = torch.arange(c, device=q.device)[None, :] <= qpos  # [groups * n, C]
+        o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale)
+        out[seg.q_start:seg.q_start + n] = _ungroup(o, n)
     return out

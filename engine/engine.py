@@ -169,13 +169,13 @@ class LLMEngine:
         if not len(batch):
             return []
         sampled, tokens, _ = self.runner.run(batch)
-        for seq, n in zip(batch.seqs, batch.num_new):
+        for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             seq.num_computed += n
         self._stats.last_batch_size = len(batch)
         self._stats.steps_total += 1
         outputs = []
         now = time.monotonic()
-        for seq, tok in zip(sampled, tokens):
+        for seq, tok in zip(sampled, tokens, strict=True):
             if seq.finished:
                 continue
             if seq.first_token_time is None:
@@ -251,7 +251,7 @@ class LLMEngine:
         """Run prompts to completion synchronously (tests, benchmarks)."""
         names = adapters or [None] * len(prompts)
         seqs = [self.add_request(f"gen-{i}", p, params, a)
-                for i, (p, a) in enumerate(zip(prompts, names))]
+                for i, (p, a) in enumerate(zip(prompts, names, strict=True))]
         while self.has_work():
             self.step()
         return seqs

@@ -1,4 +1,4 @@
-"""Builds one step's tensors (tokens, positions, KV slots, LoRA segments), runs the model, samples."""
+"""Builds one step's tensors (tokens, positions, KV slots, LoRA segments), runs it, samples."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ def run_parity(base_cfg: ModelConfig, weights: dict[str, torch.Tensor], hf_base:
 
     def capture(batch):  # type: ignore[no-untyped-def]
         seqs, tokens, logits = run(batch)
-        for s, row in zip(seqs, logits):
+        for s, row in zip(seqs, logits, strict=True):
             captured.setdefault(s.request_id, []).append(row.clone())
         return seqs, tokens, logits
     engine.runner.run = capture  # type: ignore[method-assign]

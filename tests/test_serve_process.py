@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 
+from loraplane.engine.adapters import write_random_adapter
 from loraplane.engine.config import NAMED_SHAPES
-from tests.reference import write_lora_folder
 
 SMOLLM2 = NAMED_SHAPES["smollm2-135m"]
 BASE = "SmolLM2-135M-Instruct"
@@ -30,8 +30,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("adapters")
-    write_lora_folder(root / "poet", SMOLLM2, 8, ("q_proj", "v_proj"), seed=1)
-    write_lora_folder(root / "coder", SMOLLM2, 16, ("q_proj", "k_proj", "v_proj", "o_proj",
+    write_random_adapter(root / "poet", SMOLLM2, 8, ("q_proj", "v_proj"), seed=1)
+    write_random_adapter(root / "coder", SMOLLM2, 16, ("q_proj", "k_proj", "v_proj", "o_proj",
                                                     "gate_proj", "up_proj", "down_proj"), seed=2)
     (root / "broken").mkdir()
     (root / "broken" / "adapter_model.bin").write_bytes(b"not a pickle")
@@ -133,7 +133,7 @@ def test_errors_are_openai_shaped(server: str) -> None:
 
 
 def test_load_unload_while_serving(server: str, adapters: Path, tmp_path: Path) -> None:
-    path = write_lora_folder(tmp_path / "late", SMOLLM2, 4, ("o_proj", "down_proj"), seed=3)
+    path = write_random_adapter(tmp_path / "late", SMOLLM2, 4, ("o_proj", "down_proj"), seed=3)
     r = httpx.post(server + "/v1/load_lora_adapter", json={"lora_name": "late",
                                                            "lora_path": str(path)})
     assert r.status_code == 200, r.text

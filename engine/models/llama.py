@@ -22,9 +22,9 @@ class KVCacheSource(Protocol):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, **factory: object) -> None:
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, **factory))  # type: ignore[arg-type]
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,6 +53,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 class Rotary(nn.Module):
     """cos/sin tables for every position up to max_positions, applied in rotate-half layout."""
 
+    cos: torch.Tensor  # [max_positions, head_dim]
+    sin: torch.Tensor
+
     def __init__(self, config: ModelConfig, max_positions: int, device: torch.device) -> None:
         super().__init__()
         # The table is computed on the CPU in float32 (as the reference does), then moved.
@@ -75,15 +78,15 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, **factory: object) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         h, hd = config.hidden_size, config.head_dim
         self.head_dim = hd
         self.scale = hd ** -0.5
-        self.q_proj = nn.Linear(h, config.q_size, bias=False, **factory)  # type: ignore[arg-type]
-        self.k_proj = nn.Linear(h, config.kv_size, bias=False, **factory)  # type: ignore[arg-type]
-        self.v_proj = nn.Linear(h, config.kv_size, bias=False, **factory)  # type: ignore[arg-type]
-        self.o_proj = nn.Linear(config.q_size, h, bias=False, **factory)  # type: ignore[arg-type]
+        self.q_proj = nn.Linear(h, config.q_size, bias=False, dtype=dtype, device=device)
+        self.k_proj = nn.Linear(h, config.kv_size, bias=False, dtype=dtype, device=device)
+        self.v_proj = nn.Linear(h, config.kv_size, bias=False, dtype=dtype, device=device)
+        self.o_proj = nn.Linear(config.q_size, h, bias=False, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -96,25 +99,31 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, **factory: object) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=False, **factory)  # type: ignore[arg-type]
-        self.up_proj = nn.Linear(h, i, bias=False, **factory)  # type: ignore[arg-type]
-        self.down_proj = nn.Linear(i, h, bias=False, **factory)  # type: ignore[arg-type]
+        self.gate_proj = nn.Linear(h, i, bias=False, dtype=dtype, device=device)
+        self.up_proj = nn.Linear(h, i, bias=False, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(i, h, bias=False, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, **factory: object) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
-        self.self_attn = Attention(config, **factory)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                                                **factory)
-        self.mlp = MLP(config, **factory)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(config, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype,
+                                                device)
+        self.mlp = MLP(config, dtype, device)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Pre-norm attention and MLP blocks with residuals; h [T, H]."""
+        h = h + self.self_attn(self.input_layernorm(h), positions, rotary, kv_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class LlamaModel(nn.Module):
@@ -124,14 +133,13 @@ class LlamaModel(nn.Module):
                  device: torch.device) -> None:
         super().__init__()
         self.config = config
-        factory: dict[str, object] = {"dtype": dtype, "device": device}
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         **factory)  # type: ignore[arg-type]
-        self.layers = nn.ModuleList(DecoderLayer(config, **factory)
+                                         dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype, device)
                                     for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False,
-                                 **factory)  # type: ignore[arg-type]
+                                 dtype=dtype, device=device)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(config, max_positions, device)
@@ -141,10 +149,7 @@ class LlamaModel(nn.Module):
         """input_ids, positions [T] -> final hidden states [T, H]."""
         h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            a = layer.self_attn(layer.input_layernorm(h), positions, self.rotary, kv.kv_layer(i),
-                                meta)
-            h = h + a
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = layer(h, positions, self.rotary, kv.kv_layer(i), meta)
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
