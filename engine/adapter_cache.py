@@ -101,8 +101,13 @@ class AdapterCache:
         else:
             self._dropping.append(adapter)
 
+    def size_in_pages(self, adapter: Adapter) -> int:
+        """Pages the adapter occupies when resident."""
+        return self.pool.layout.pages_for_chunks(adapter.num_chunks)
+
     def pages_needed(self, adapter: Adapter) -> int:
-        return 0 if adapter.resident else self.pool.layout.pages_for_chunks(adapter.num_chunks)
+        """Pages loading it would take now (0 when already resident)."""
+        return 0 if adapter.resident else self.size_in_pages(adapter)
 
     def acquire(self, adapter: Adapter) -> bool:
         """Make the adapter resident (evicting idle ones if needed) and pin it; False if no room."""

@@ -73,7 +73,10 @@ def check_config(cfg: dict, name: str, max_rank: int) -> tuple[int, float, bool]
         raise fail(name, "modules_to_save (fully trained extra modules) is not supported")
     if cfg.get("layers_to_transform") is not None:
         raise fail(name, "layers_to_transform is not supported; LoRA must cover every layer")
-    return r, float(alpha), bool(cfg.get("use_rslora", False))
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise fail(name, f"use_rslora={rslora!r} must be true or false")
+    return r, float(alpha), rslora
 
 
 def parse_key(key: str, name: str, config: ModelConfig) -> tuple[int, str, str]:

@@ -147,6 +147,13 @@ class LLMEngine:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
                 f"you requested {len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, "
                 f"{params.max_tokens} for the completion).", param="max_tokens")
+        kv_pages = -(-(len(ids) + params.max_tokens) // self.pool.layout.block_size)
+        adapter_pages = self.adapters.size_in_pages(ad) if ad else 0
+        if kv_pages + adapter_pages > self.pool.pages.num_pages:
+            raise PromptTooLongError(
+                f"{len(ids)} prompt + {params.max_tokens} completion tokens with this adapter "
+                f"need {kv_pages + adapter_pages} pages; the pool holds "
+                f"{self.pool.pages.num_pages}", param="max_tokens")
         if len(self.scheduler.waiting) >= self.engine_config.max_waiting:
             raise OverloadedError("the engine's queue is full; retry later")
         seq = Sequence(request_id, ids, params, ad, on_output=on_output)

@@ -41,12 +41,6 @@ class InvalidAdapterError(BadRequestError):
     code = "invalid_adapter"
 
 
-class AdapterInUseError(EngineError):
-    status_code = 409
-    type = "invalid_request_error"
-    code = "adapter_in_use"
-
-
 class OverloadedError(EngineError):
     status_code = 503
     type = "server_error"

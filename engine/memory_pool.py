@@ -50,6 +50,8 @@ class PagePool:
 
     def allocate(self, n: int, kind: str) -> list[int]:
         """Take n free pages for an owner of the given kind (KV or ADAPTER)."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} pages")
         if not self.can_allocate(n):
             raise PoolExhaustedError(f"asked for {n} pages, {len(self._free)} free")
         pages = [self._free.pop() for _ in range(n)]
@@ -68,9 +70,12 @@ class PagePool:
 
     def free(self, pages: list[int]) -> None:
         """Drop one reference to each page; a page with none left returns to the free list."""
-        for p in pages:
-            if not 0 <= p < self.num_pages or self._refcount[p] <= 0:
+        # Check everything first so a bad call changes nothing.
+        drops = Counter(pages)
+        for p, n in drops.items():
+            if not 0 <= p < self.num_pages or self._refcount[p] < n:
                 raise RuntimeError(f"double free of page {p}")
+        for p in pages:
             self._refcount[p] -= 1
             if self._refcount[p] == 0:
                 kind = self._kind[p]

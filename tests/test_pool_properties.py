@@ -18,11 +18,13 @@ loaded again for them if it had been evicted, and dropped with its last user.
 
 from __future__ import annotations
 
+import functools
 import itertools
+from collections.abc import Callable
 
 import hypothesis.strategies as st
 import torch
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -77,7 +79,7 @@ def fake_step(scheduler: Scheduler) -> tuple[ScheduledBatch, list[Sequence]]:
     assert batch.num_tokens <= scheduler.config.max_num_batched_tokens
     assert len(batch) <= scheduler.config.max_num_seqs
     assert len(set(map(id, batch.seqs))) == len(batch)
-    for seq, n in zip(batch.seqs, batch.num_new):
+    for seq, n in zip(batch.seqs, batch.num_new, strict=True):
         assert seq.status is Status.RUNNING and n >= 1
         seq.num_computed += n
         assert seq.num_computed <= seq.num_tokens
@@ -92,6 +94,16 @@ def fake_step(scheduler: Scheduler) -> tuple[ScheduledBatch, list[Sequence]]:
                 scheduler.finish(seq)
                 done.append(seq)
     return batch, done
+
+
+def guarded(method: Callable[..., None]) -> Callable[..., None]:
+    """Mark the machine failed while a rule or invariant runs, so teardown skips a broken state."""
+    @functools.wraps(method)
+    def wrapper(self: PoolMachine, *args: object, **kwargs: object) -> None:
+        self.failed = True
+        method(self, *args, **kwargs)
+        self.failed = False
+    return wrapper
 
 
 module_subsets = st.lists(st.sampled_from(LORA_MODULES), min_size=1, max_size=7, unique=True) \
@@ -111,19 +123,25 @@ class PoolMachine(RuleBasedStateMachine):
         self.ids = itertools.count()
         self.reloaded_unregistered = 0  # coverage of the interesting paths, reported as events
         self.evictions = 0
+        self.failed = False
         self.flat: dict[int, torch.Tensor] = {}  # id(adapter) -> its [L, elems] pool layout
 
     # ---- rules ----------------------------------------------------------------------------
 
     @initialize(specs=st.lists(st.tuples(st.integers(1, MAX_RANK), module_subsets),
                                max_size=len(ADAPTER_NAMES)))
+    @guarded
     def register_some(self, specs: list[tuple[int, tuple[str, ...]]]) -> None:
         for i, (rank, modules) in enumerate(specs):
-            self.register_adapter(ADAPTER_NAMES[i], rank, modules, seed=i)
+            self._register(ADAPTER_NAMES[i], rank, modules, seed=i)
 
     @rule(name=st.sampled_from(ADAPTER_NAMES), rank=st.integers(1, MAX_RANK),
           modules=module_subsets, seed=st.integers(0, 2**16))
+    @guarded
     def register_adapter(self, name: str, rank: int, modules: tuple[str, ...], seed: int) -> None:
+        self._register(name, rank, modules, seed)
+
+    def _register(self, name: str, rank: int, modules: tuple[str, ...], seed: int) -> None:
         if name in self.cache:
             return
         adapter = self.cache.add(name, f"/adapters/{name}", random_weights(rank, modules, seed))
@@ -133,6 +151,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.flat[id(adapter)] = adapter.weights.flatten(CONFIG)
 
     @rule(name=st.sampled_from(ADAPTER_NAMES))
+    @guarded
     def unregister_adapter(self, name: str) -> None:
         if name not in self.cache:
             return
@@ -144,6 +163,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(requests=st.lists(st.tuples(st.integers(1, MAX_PROMPT), st.integers(1, MAX_TOKENS),
                                        st.integers(0, len(ADAPTER_NAMES))), min_size=1, max_size=4))
+    @guarded
     def add_requests(self, requests: list[tuple[int, int, int]]) -> None:
         """Queue (prompt length, max_tokens, adapter pick) requests; pick 0 is the base model."""
         for prompt_len, max_tokens, pick in requests:
@@ -156,11 +176,13 @@ class PoolMachine(RuleBasedStateMachine):
             self.live.append(seq)
 
     @rule()
+    @guarded
     def step(self) -> None:
         self._step()
 
     @precondition(lambda self: self.live)
     @rule(pick=st.integers(0, 63))
+    @guarded
     def abort(self, pick: int) -> None:
         # Like LLMEngine.abort, for a waiting or a running request.
         seq = self.live.pop(pick % len(self.live))
@@ -170,6 +192,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.scheduler.has_work())
     @rule(steps=st.integers(1, 8))
+    @guarded
     def run_a_while(self, steps: int) -> None:
         for _ in range(steps):
             self._step()
@@ -189,6 +212,7 @@ class PoolMachine(RuleBasedStateMachine):
     # ---- invariants -----------------------------------------------------------------------
 
     @invariant()
+    @guarded
     def pages_have_exactly_one_owner(self) -> None:
         pages = self.pool.pages
         pages.check_invariants()
@@ -240,6 +264,8 @@ class PoolMachine(RuleBasedStateMachine):
                 assert a.chunk_table.tolist() == list(range(start, start + a.num_chunks))
 
     def teardown(self) -> None:
+        if self.failed:
+            return  # a rule or invariant raised: hypothesis reports that, not what follows
         # Stop admissions: everything queued finishes within a bounded number of steps. The
         # oldest running sequence is never preempted and advances every step, so each request
         # needs at most prompt + max_tokens steps once it leads, plus one step to be admitted.
@@ -264,8 +290,9 @@ class PoolMachine(RuleBasedStateMachine):
 
 
 PoolMachine.TestCase.settings = settings(
-    max_examples=100, stateful_step_count=60, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow])
+    max_examples=200, stateful_step_count=60, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=[p for p in Phase if p is not Phase.explain])  # explain traces every line: minutes
 TestPool = PoolMachine.TestCase
 
 

@@ -14,7 +14,7 @@ from loraplane.engine.server.deps import EngineClient
 from loraplane.engine.server.errors import install_error_handlers
 from loraplane.engine.server.metrics import ServerMetrics
 from loraplane.engine.server.middleware import BodySizeLimit
-from loraplane.engine.server.routes import adapters, chat, completions, models, ops
+from loraplane.engine.server.routes import adapters, chat, completions, models, ops, residency
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def build_app(engine: EngineClient, max_body_bytes: int = MAX_BODY_BYTES) -> Fas
     app.state.engine = engine
     app.state.metrics = ServerMetrics(engine.stats)
     app.state.created = int(time.time())
-    for module in (models, completions, chat, adapters, ops):
+    for module in (models, completions, chat, adapters, ops, residency):
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
