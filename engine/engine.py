@@ -56,6 +56,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def default_lora_op(device: torch.device) -> Callable[[DevicePool], LoraOp]:
+    """Triton kernels on CUDA, the plain-torch op elsewhere."""
+    if device.type == "cuda":
+        from loraplane.engine.lora.triton_op import TritonLoraOp
+
+        return TritonLoraOp
+    return TorchLoraOp
+
+
 @dataclass(frozen=True)
 class EngineParts:
     """What an engine is built from (the model already on its device)."""
@@ -70,7 +79,7 @@ class LLMEngine:
     """Owns the model, the unified pool, the adapters and the scheduler; single-threaded."""
 
     def __init__(self, parts: EngineParts, engine_config: EngineConfig,
-                 lora_op: Callable[[DevicePool], LoraOp] = TorchLoraOp) -> None:
+                 lora_op: Callable[[DevicePool], LoraOp] | None = None) -> None:
         self.model = parts.model
         self.config = parts.config
         self.tokenizer = parts.tokenizer
@@ -82,7 +91,8 @@ class LLMEngine:
         num_pages = self._pool_pages(layout, dtype, device)
         self.pool = DevicePool(layout, num_pages, dtype, device)
         self.adapters = AdapterCache(self.pool, parts.config)
-        self.lora: LoraState = apply_lora(parts.model, lora_op(self.pool))
+        make_op = lora_op or default_lora_op(device)
+        self.lora: LoraState = apply_lora(parts.model, make_op(self.pool))
         self.runner = ModelRunner(parts.model, self.pool, self.lora)
         self.scheduler = Scheduler(engine_config, self.pool, self.adapters)
         pool_tokens = num_pages * layout.block_size

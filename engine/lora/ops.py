@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ class LoraBatch:
     """Per-step LoRA metadata, built once and read by every projection of every layer."""
 
     segments: list[LoraSegment]
+    kernel_meta: Any = None  # what a kernel implementation packs for the device
 
 
 class LoraOp(ABC):
