@@ -9,11 +9,17 @@ import triton.language as tl
 from loraplane.engine.kernels.lora_meta import MODULE_INDEX, LoraKernelMeta
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """float32 stays IEEE (no TF32 rounding), so the fp32 engine matches its torch twin."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 @triton.jit
 def _expand_kernel(s_ptr, y_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pages_ptr,
                    N, stride_sm, stride_ym, module,
                    CHUNK: tl.constexpr, CPP: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     col_block = tl.program_id(1)
     seg = tl.load(tiles_ptr + tile * 2)
@@ -42,7 +48,7 @@ def _expand_kernel(s_ptr, y_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pag
         base = (page * CPP + c % CPP) * CHUNK + n0 % CHUNK  # [BLOCK_R]
         b = tl.load(pool_ptr + base[:, None] + (cols - n0)[None, :],
                     mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += tl.dot(s.to(b.dtype), b)
+        acc += tl.dot(s.to(b.dtype), b, input_precision=PRECISION)
     y = y_ptr + rows[:, None] * stride_ym + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     prev = tl.load(y, mask=mask, other=0.0)
@@ -65,7 +71,7 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor, pool_layer: torch.Tensor, meta
     _expand_kernel[grid](s, y, pool_layer, meta.tiles, meta.segs, meta.offsets, meta.pages,
                          n, s.stride(0), y.stride(0), MODULE_INDEX[module],
                          CHUNK=chunk, CPP=chunks_per_page, BLOCK_M=block_m, BLOCK_N=block_n,
-                         BLOCK_R=block_r)
+                         BLOCK_R=block_r, PRECISION=_precision(pool_layer.dtype))
 
 
 def lora_expand_ref(s: torch.Tensor, y: torch.Tensor, pool_layer: torch.Tensor,

@@ -9,11 +9,17 @@ import triton.language as tl
 from loraplane.engine.kernels.lora_meta import MODULE_INDEX, LoraKernelMeta
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """float32 stays IEEE (no TF32 rounding), so the fp32 engine matches its torch twin."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 @triton.jit
 def _shrink_kernel(x_ptr, out_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pages_ptr,
                    K, stride_xm, stride_om, module, k_per_split,
                    CHUNK: tl.constexpr, CPP: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
+                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+                   PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     rank_block = tl.program_id(1)
     split = tl.program_id(2)
@@ -41,7 +47,7 @@ def _shrink_kernel(x_ptr, out_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, p
         page = tl.load(pages_ptr + page_off + c // CPP, mask=rank_mask, other=0).to(tl.int64)
         base = (page * CPP + c % CPP) * CHUNK + k0 % CHUNK  # [BLOCK_R] element offsets
         a = tl.load(pool_ptr + base[:, None] + kk[None, :], mask=rank_mask[:, None], other=0.0)
-        acc += tl.dot(x, tl.trans(a.to(x.dtype)))
+        acc += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=PRECISION)
     out = out_ptr + rows[:, None] * stride_om + ranks[None, :]
     mask = row_mask[:, None] & rank_mask[None, :]
     if ATOMIC:
@@ -68,7 +74,8 @@ def lora_shrink(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
     _shrink_kernel[grid](x, out, pool_layer, meta.tiles, meta.segs, meta.offsets, meta.pages,
                          k, x.stride(0), out.stride(0), MODULE_INDEX[module], k_per_split,
                          CHUNK=chunk, CPP=chunks_per_page, BLOCK_M=block_m, BLOCK_R=block_r,
-                         BLOCK_K=block_k, ATOMIC=grid[2] > 1)
+                         BLOCK_K=block_k, ATOMIC=grid[2] > 1,
+                         PRECISION=_precision(x.dtype))
     return out
 
 

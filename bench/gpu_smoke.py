@@ -1,0 +1,126 @@
+"""GPU check of the engine (not a test): Triton LoRA vs the torch op give the same greedy tokens
+in float32, then decode-step times of the base model and of a batch with many adapters.
+
+Prints a short table and writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from loraplane.engine.adapters import LoraWeights
+from loraplane.engine.config import NAMED_SHAPES, EngineConfig, ModelConfig
+from loraplane.engine.engine import EngineParts, LLMEngine
+from loraplane.engine.lora.ops import TorchLoraOp
+from loraplane.engine.lora.triton_op import TritonLoraOp
+from loraplane.engine.models.llama import build_model
+from loraplane.engine.sampling_params import SamplingParams
+from loraplane.engine.tokenizer import Tokenizer
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def weights(cfg: ModelConfig, rank: int, seed: int, modules: tuple[str, ...] = MODULES,
+            std: float = 0.02) -> LoraWeights:
+    gen = torch.Generator().manual_seed(seed)
+    w = LoraWeights(rank, float(rank), 1.0, modules)
+    for m in modules:
+        fi, fo = cfg.module_shape(m)
+        w.a[m] = torch.randn(cfg.num_layers, rank, fi, generator=gen) * std
+        w.bt[m] = torch.randn(cfg.num_layers, rank, fo, generator=gen) * std
+    return w
+
+
+def engine_for(cfg: ModelConfig, model: torch.nn.Module, op: type, pool_gib: float,
+               **kw: int) -> LLMEngine:
+    ec = EngineConfig(pool_bytes=int(pool_gib * 2**30), max_model_len=2048, **kw)
+    return LLMEngine(EngineParts(model, cfg, Tokenizer.byte_level(cfg.vocab_size), cfg.name),  # type: ignore[arg-type]
+                     ec, lora_op=op)
+
+
+def parity(dev: torch.device) -> dict:
+    cfg = NAMED_SHAPES["smollm2-135m"]
+    out = {}
+    results = []
+    for op in (TorchLoraOp, TritonLoraOp):
+        model = build_model(cfg, None, 2048, torch.float32, dev, seed=3)
+        eng = engine_for(cfg, model, op, 2.0)
+        names: list[str | None] = [None]
+        for i, r in enumerate((4, 8, 16, 64)):
+            mods = MODULES if i % 2 else ("q_proj", "v_proj", "gate_proj", "down_proj")
+            eng.add_adapter(f"a{i}", "", weights(cfg, r, i, mods, std=0.2))
+            names.append(f"a{i}")
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(3, 250, (n,), generator=gen).tolist()
+                   for n in (5, 40, 17, 1, 90, 33, 8, 64)]
+        seqs = eng.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0,
+                                                    ignore_eos=True),
+                            [names[i % len(names)] for i in range(len(prompts))])
+        results.append([s.output_ids for s in seqs])
+        del eng, model
+        torch.cuda.empty_cache()
+    out["same_tokens"] = results[0] == results[1]
+    out["rows_equal"] = sum(a == b for a, b in zip(results[0], results[1], strict=True))
+    return out
+
+
+def decode_steps(dev: torch.device, batch: int, n_adapters: int, rank: int) -> dict:
+    cfg = NAMED_SHAPES["llama-2-7b"]
+    model = build_model(cfg, None, 2048, torch.bfloat16, dev)
+    eng = engine_for(cfg, model, TritonLoraOp, 20.0, max_num_seqs=max(batch, 1))
+    for i in range(n_adapters):
+        eng.add_adapter(f"a{i}", "", weights(cfg, rank, i))
+    gen = torch.Generator().manual_seed(1)
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        eng.add_request(f"r{i}", torch.randint(3, 30000, (128,), generator=gen).tolist(), params,
+                        f"a{i % n_adapters}" if n_adapters else None)
+    eng.step()  # prefill
+    for _ in range(4):
+        eng.step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(32):
+        t = time.perf_counter()
+        eng.step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1000)
+    times.sort()
+    del eng, model
+    torch.cuda.empty_cache()
+    return {"batch": batch, "adapters": n_adapters, "rank": rank,
+            "step_ms_median": round(times[len(times) // 2], 2),
+            "tokens_per_s": round(batch / times[len(times) // 2] * 1000, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    res: dict = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
+                 "torch": torch.__version__}
+    res["parity_fp32_triton_vs_torch"] = parity(dev)
+    print("parity:", res["parity_fp32_triton_vs_torch"], flush=True)
+    res["decode"] = []
+    for batch, n, r in ((1, 0, 0), (1, 1, 16), (32, 0, 0), (32, 32, 16), (64, 64, 16)):
+        res["decode"].append(decode_steps(dev, batch, n, r))
+        print(res["decode"][-1], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"gpu-smoke-h200-{res['date']}.json"
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"{'batch':>6}{'adapters':>9}{'rank':>5}{'ms/step':>9}{'tok/s':>9}")
+    for d in res["decode"]:
+        print(f"{d['batch']:>6}{d['adapters']:>9}{d['rank']:>5}{d['step_ms_median']:>9}"
+              f"{d['tokens_per_s']:>9}")
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
