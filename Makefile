@@ -28,7 +28,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy engine loraplane
+	$(VENV)/bin/mypy engine loraplane gateway operator
 
 # Two random-weight PEFT adapters for SmolLM2 in demo-adapters/, to try the API with.
 demo-adapters: setup

@@ -1,5 +1,6 @@
-"""GPU check of the engine (not a test): Triton LoRA vs the torch op give the same greedy tokens
-in float32, then decode-step times of the base model and of a batch with many adapters.
+"""GPU check of the engine (not a test): the Triton kernels (LoRA and paged attention) and the
+plain-torch path give the same greedy tokens in float32; then decode-step times of the base
+model and of batches where every row has its own adapter.
 
 Prints a short table and writes JSON to --out.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from loraplane.engine.adapters import LoraWeights
+from loraplane.engine.attention import TorchAttention, TritonAttention
 from loraplane.engine.config import NAMED_SHAPES, EngineConfig, ModelConfig
 from loraplane.engine.engine import EngineParts, LLMEngine
 from loraplane.engine.lora.ops import TorchLoraOp
@@ -38,19 +40,21 @@ def weights(cfg: ModelConfig, rank: int, seed: int, modules: tuple[str, ...] = M
 
 
 def engine_for(cfg: ModelConfig, model: torch.nn.Module, op: type, pool_gib: float,
-               **kw: int) -> LLMEngine:
+               attention: type = TritonAttention, **kw: int) -> LLMEngine:
     ec = EngineConfig(pool_bytes=int(pool_gib * 2**30), max_model_len=2048, **kw)
-    return LLMEngine(EngineParts(model, cfg, Tokenizer.byte_level(cfg.vocab_size), cfg.name),  # type: ignore[arg-type]
-                     ec, lora_op=op)
+    eng = LLMEngine(EngineParts(model, cfg, Tokenizer.byte_level(cfg.vocab_size), cfg.name),  # type: ignore[arg-type]
+                    ec, lora_op=op)
+    eng.runner.attention = attention
+    return eng
 
 
 def parity(dev: torch.device) -> dict:
     cfg = NAMED_SHAPES["smollm2-135m"]
     out = {}
     results = []
-    for op in (TorchLoraOp, TritonLoraOp):
+    for op, attention in ((TorchLoraOp, TorchAttention), (TritonLoraOp, TritonAttention)):
         model = build_model(cfg, None, 2048, torch.float32, dev, seed=3)
-        eng = engine_for(cfg, model, op, 2.0)
+        eng = engine_for(cfg, model, op, 2.0, attention)
         names: list[str | None] = [None]
         for i, r in enumerate((4, 8, 16, 64)):
             mods = MODULES if i % 2 else ("q_proj", "v_proj", "gate_proj", "down_proj")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from loraplane.engine.attention import AttentionMetadata, PrefillSegment
+from loraplane.engine.attention import SeqSlice, TorchAttention, TritonAttention
 from loraplane.engine.lora.layers import LoraState
 from loraplane.engine.lora.ops import LoraSegment
 from loraplane.engine.memory_pool import DevicePool
@@ -13,50 +13,46 @@ from loraplane.engine.sampler import sample
 from loraplane.engine.scheduler import ScheduledBatch
 from loraplane.engine.sequence import Sequence
 
+AttentionBackend = type[TorchAttention] | type[TritonAttention]
+
+
+def default_attention(device: torch.device) -> AttentionBackend:
+    """Triton kernels on CUDA, the plain-torch backend elsewhere."""
+    return TritonAttention if device.type == "cuda" else TorchAttention
+
 
 class ModelRunner:
     """Runs a ScheduledBatch through the model and returns the sampled tokens."""
 
-    def __init__(self, model: LlamaModel, pool: DevicePool, lora: LoraState) -> None:
+    def __init__(self, model: LlamaModel, pool: DevicePool, lora: LoraState,
+                 attention: AttentionBackend | None = None) -> None:
         self.model = model
         self.pool = pool
         self.lora = lora
         self.device = pool.data.device
         self.block_size = pool.layout.block_size
-
-    def _slots(self, seq: Sequence, end: int) -> torch.Tensor:
-        """[end] flat KV slots of positions 0..end-1 of a sequence."""
-        bt = torch.tensor(seq.block_table, dtype=torch.int64)
-        slots = (bt[:, None] * self.block_size + torch.arange(self.block_size)).view(-1)
-        return slots[:end]
+        self.attention = attention or default_attention(self.device)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], torch.Tensor]:
         """Returns the sequences that sampled, their tokens, and their logits [N, vocab]."""
-        # Rows of one adapter side by side: each adapter is one contiguous LoRA segment.
-        order = sorted(range(len(batch)), key=lambda j: batch.seqs[j].adapter.id
-                       if batch.seqs[j].adapter is not None else 0)
+        # Decode rows first (the attention kernels want them so), and within each part the rows
+        # of one adapter side by side, so each adapter is one contiguous LoRA segment.
+        def key(j: int) -> tuple[bool, int]:
+            adapter = batch.seqs[j].adapter
+            return batch.num_new[j] > 1, adapter.id if adapter is not None else 0
         ids: list[int] = []
         positions: list[torch.Tensor] = []
-        slot_map: list[torch.Tensor] = []
-        decode_rows: list[int] = []
-        decode_ctx: list[torch.Tensor] = []
-        prefills: list[PrefillSegment] = []
+        slices: list[SeqSlice] = []
         segments: list[LoraSegment] = []
         sample_rows: list[int] = []
         samplers: list[Sequence] = []
-        for j in order:
+        for j in sorted(range(len(batch)), key=key):
             seq, n = batch.seqs[j], batch.num_new[j]
             start, end, row = seq.num_computed, seq.num_computed + n, len(ids)
             ids.extend(seq.all_ids[start:end])
             positions.append(torch.arange(start, end))
-            slots = self._slots(seq, end)
-            slot_map.append(slots[start:end])
-            if n == 1:
-                decode_rows.append(row)
-                decode_ctx.append(slots)
-            else:
-                prefills.append(PrefillSegment(row, n, slots.to(self.device)))
+            slices.append(SeqSlice(row, n, end, seq.block_table))
             if seq.adapter is not None:
                 last = segments[-1] if segments else None
                 if last is not None and last.adapter is seq.adapter and last.end == row:
@@ -66,33 +62,15 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sample_rows.append(row + n - 1)
                 samplers.append(seq)
-        meta = self._attention_metadata(slot_map, decode_rows, decode_ctx, prefills)
         dev = self.device
+        meta = self.attention.build(slices, self.block_size, dev)
         self.lora.batch = self.lora.op.prepare(segments)
         try:
-            hidden = self.model(torch.tensor(ids, device=dev), torch.cat(positions).to(dev),
-                                self.pool, meta)
+            hidden = self.model(torch.tensor(ids).to(dev, non_blocking=True),
+                                torch.cat(positions).to(dev, non_blocking=True), self.pool, meta)
         finally:
             self.lora.batch = self.lora.op.prepare([])
         if not samplers:
             return [], [], torch.empty(0)
         logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
         return samplers, sample(logits, samplers), logits
-
-    def _attention_metadata(self, slot_map: list[torch.Tensor], decode_rows: list[int],
-                            decode_ctx: list[torch.Tensor],
-                            prefills: list[PrefillSegment]) -> AttentionMetadata:
-        dev = self.device
-        longest = max((c.shape[0] for c in decode_ctx), default=0)
-        slots = torch.zeros(len(decode_ctx), longest, dtype=torch.int64)
-        mask = torch.zeros(len(decode_ctx), 1, 1, longest, dtype=torch.bool)
-        for r, c in enumerate(decode_ctx):
-            slots[r, :c.shape[0]] = c
-            mask[r, 0, 0, :c.shape[0]] = True
-        return AttentionMetadata(
-            slot_mapping=torch.cat(slot_map).to(dev),
-            decode_rows=torch.tensor(decode_rows, dtype=torch.int64, device=dev),
-            decode_slots=slots.to(dev),
-            decode_mask=mask.to(dev),
-            prefills=tuple(prefills),
-        )

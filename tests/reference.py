@@ -8,30 +8,11 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from loraplane.engine.adapters import write_random_adapter
+from loraplane.engine.bench.hf import hf_config
 from loraplane.engine.config import ModelConfig, RopeScaling
-
-
-def hf_config(cfg: ModelConfig) -> LlamaConfig:
-    """The transformers LlamaConfig of one of our ModelConfigs."""
-    rope: dict | None = None
-    if cfg.rope_scaling is not None:
-        s = cfg.rope_scaling
-        rope = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                "high_freq_factor": s.high_freq_factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings}
-    kw: dict = {}
-    if rope is not None:
-        kw["rope_scaling"] = {**rope, "rope_theta": cfg.rope_theta}
-    return LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings, attn_implementation="eager", **kw)
 
 
 def random_hf_model(cfg: ModelConfig, seed: int) -> LlamaForCausalLM:

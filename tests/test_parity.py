@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from loraplane.engine.attention import TritonAttention
 from loraplane.engine.config import NAMED_SHAPES, EngineConfig, ModelConfig, RopeScaling
 from loraplane.engine.engine import EngineParts, LLMEngine
 from loraplane.engine.models.llama import build_model
@@ -36,7 +37,8 @@ TINY_GQA_LLAMA3 = NAMED_SHAPES["tiny"].with_updates(
 
 def run_parity(base_cfg: ModelConfig, weights: dict[str, torch.Tensor], hf_base: object,
                tokenizer: Tokenizer, tmp: Path, prompts: list[list[int]], max_new: int,
-               max_batched: int) -> None:
+               max_batched: int, lora_op: type | None = None,
+               attention: type | None = None) -> None:
     paths = {s.name: make_peft_adapter(hf_base, s, tmp, seed=i)  # type: ignore[arg-type]
              for i, s in enumerate(ADAPTERS)}
     ref = Reference(hf_base, paths)  # type: ignore[arg-type]
@@ -44,7 +46,10 @@ def run_parity(base_cfg: ModelConfig, weights: dict[str, torch.Tensor], hf_base:
                         torch.device("cpu"))
     engine = LLMEngine(EngineParts(model, base_cfg, tokenizer, "base"),
                        EngineConfig(pool_bytes=64 << 20, max_num_batched_tokens=max_batched,
-                                    max_num_seqs=16))
+                                    max_num_seqs=16),
+                       lora_op=lora_op)
+    if attention is not None:
+        engine.runner.attention = attention
     for name, path in paths.items():
         engine.load_adapter(name, str(path))
 
@@ -117,3 +122,18 @@ def test_parity_smollm2(tmp_path: Path) -> None:
     assert loaded.weights is not None
     run_parity(loaded.config, loaded.weights, hf, tok, tmp_path, prompts, max_new=8,
                max_batched=32)
+
+
+def test_parity_tiny_triton_kernels(tmp_path: Path) -> None:
+    """The same check with the Triton LoRA and attention kernels (CPU interpreter, float32)."""
+    pytest.importorskip("triton")
+    from loraplane.engine.lora.triton_op import TritonLoraOp
+
+    cfg = NAMED_SHAPES["tiny"]
+    hf = random_hf_model(cfg, seed=2)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=gen).tolist()
+               for n in (3, 20, 1, 9, 14)]
+    run_parity(cfg, hf.state_dict(), hf, Tokenizer.byte_level(cfg.vocab_size), tmp_path,
+               prompts, max_new=5, max_batched=16, lora_op=TritonLoraOp,
+               attention=TritonAttention)

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from loraplane.engine.attention import AttentionMetadata, paged_attention
+from loraplane.engine.attention import AttentionMetadata
 from loraplane.engine.config import ModelConfig, RopeScaling
 
 
@@ -94,7 +94,7 @@ class Attention(nn.Module):
         q = rotary(self.q_proj(x).view(t, -1, self.head_dim), positions)  # [T, nh, hd]
         k = rotary(self.k_proj(x).view(t, -1, self.head_dim), positions)  # [T, kvh, hd]
         v = self.v_proj(x).view(t, -1, self.head_dim)
-        o = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        o = meta.attend(q, k, v, kv_cache, self.scale)
         return self.o_proj(o.reshape(t, -1))
 
 

@@ -13,7 +13,6 @@ import torch
 
 from ..config import NAMED_SHAPES, ModelConfig
 from ..tokenizer import Tokenizer
-from .gguf_loader import read_gguf
 from .hf_loader import read_hf_folder, write_hf_folder
 
 logger = logging.getLogger(__name__)
@@ -122,6 +121,8 @@ def _read_gguf_cached(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
         except (ValueError, OSError) as e:
             logger.warning("conversion cache %s is unusable (%s); converting again", folder, e)
             shutil.rmtree(folder, ignore_errors=True)
+    from .gguf_loader import read_gguf  # the gguf package is needed only here
+
     logger.info("converting %s (dequantizing to float32; cached for later starts)", path.name)
     config, weights, tokenizer = read_gguf(path)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")

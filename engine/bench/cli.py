@@ -1,0 +1,188 @@
+"""Arguments and runner of `loraplane bench`: build the trace, run the engine (and PEFT), report."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import logging
+import sys
+import time
+from pathlib import Path
+
+from loraplane.engine.bench.workload import SETTINGS, WorkloadSpec, adapter_ranks, make_trace
+from loraplane.engine.config import LORA_MODULES, EngineConfig
+
+log = logging.getLogger(__name__)
+
+HELP = """Replay the S-LoRA synthetic workload (Gamma arrivals, power-law adapter popularity,
+uniform lengths, forced output length, ranks round-robin) against the engine in this process;
+print throughput, first-token latency and SLO attainment, and write JSON. --baseline peft runs
+the same requests through HF transformers + PEFT afterwards, in the same process."""
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--setting", default="S2", choices=sorted(SETTINGS),
+                   help="S1: llama-2-7b ranks {8}; S2: llama-2-7b ranks {8,16,32,64}; "
+                        "S4: llama-2-13b ranks {16,32,64} (default S2)")
+    p.add_argument("--model", default=None,
+                   help="model spec (default random:<the setting's shape>), e.g. random:tiny")
+    p.add_argument("--ranks", type=int, nargs="+", default=None,
+                   help="override the setting's ranks (assigned round-robin to adapters)")
+    p.add_argument("--modules", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"],
+                   choices=LORA_MODULES, help="projections the adapters target (default q,k,v,o)")
+    p.add_argument("--num-adapters", type=int, default=100, help="0 means no LoRA (base model)")
+    p.add_argument("--num-requests", type=int, default=200)
+    p.add_argument("--rate", type=float, default=10.0, help="arrival rate, requests/s")
+    p.add_argument("--cv", type=float, default=1.0,
+                   help="coefficient of variation of inter-arrival times (1: Poisson)")
+    p.add_argument("--alpha", type=float, default=1.0,
+                   help="adapter popularity numpy.random.power(alpha): 1 uniform, < 1 skewed")
+    p.add_argument("--round-robin-adapters", action="store_true",
+                   help="request i uses adapter i mod n (e.g. every row a different adapter)")
+    p.add_argument("--saturate", action="store_true",
+                   help="queue every request at t=0 (throughput at saturation)")
+    p.add_argument("--input-range", type=int, nargs=2, default=[8, 512], metavar=("LO", "HI"))
+    p.add_argument("--output-range", type=int, nargs=2, default=[8, 512], metavar=("LO", "HI"))
+    p.add_argument("--slo", type=float, default=6.0, help="first-token SLO in seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sets-per-rank", type=int, default=8,
+                   help="distinct random weight sets per rank that adapters share on the host")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--pool-memory", type=float, default=None, metavar="GIB",
+                   help="GiB of the unified pool (default: the engine's)")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-lora-rank", type=int, default=256)
+    p.add_argument("--baseline", default="none", choices=["none", "peft"],
+                   help="peft: also run the same requests through HF transformers + PEFT")
+    p.add_argument("--peft-batch-size", type=int, default=32,
+                   help="requests per generate() call of the PEFT baseline")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON folder")
+    p.add_argument("--log-level", default="warning",
+                   choices=["debug", "info", "warning", "error"])
+
+
+def _check(args: argparse.Namespace, ranks: tuple[int, ...]) -> None:
+    for name in ("num_requests", "max_num_seqs", "max_num_batched_tokens", "sets_per_rank",
+                 "peft_batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive")
+    if any(not 1 <= r <= args.max_lora_rank for r in ranks):
+        raise SystemExit(f"ranks {list(ranks)} must be in [1, --max-lora-rank "
+                         f"{args.max_lora_rank}]")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by the arguments; prints a table and writes JSON."""
+    # torch and the engine load here, not when `loraplane` builds its argument parsers.
+    import numpy as np
+    import torch
+
+    from loraplane.engine.bench import report
+    from loraplane.engine.bench.adapters import ADAPTER_STORAGE, WeightSets, register
+    from loraplane.engine.bench.driver import replay, warm_up
+    from loraplane.engine.bench.metrics import decode_steps, summarize
+    from loraplane.engine.engine import LLMEngine
+
+    setting = SETTINGS[args.setting]
+    ranks = tuple(args.ranks or setting.ranks)
+    _check(args, ranks)
+    model_spec = args.model or f"random:{setting.model}"
+    spec = WorkloadSpec(args.num_requests, args.num_adapters, args.rate, args.cv, args.alpha,
+                        tuple(args.input_range), tuple(args.output_range),
+                        args.round_robin_adapters, args.seed)
+    try:
+        trace = make_trace(spec)
+    except ValueError as e:
+        raise SystemExit(f"loraplane bench: {e}") from None
+    cfg = EngineConfig(
+        pool_bytes=int(args.pool_memory * 2**30) if args.pool_memory else None,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_lora_rank=args.max_lora_rank, max_waiting=max(4096, args.num_requests),
+        seed=args.seed)
+    t = time.monotonic()
+    try:
+        engine = LLMEngine.from_spec(model_spec, device=args.device, dtype=args.dtype,
+                                     engine_config=cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"loraplane bench: cannot load model {model_spec!r}: {e}") from None
+    device, dtype = engine.pool.data.device, engine.pool.data.dtype
+    model_cfg = engine.config
+    build_s = time.monotonic() - t
+    ranks_of = adapter_ranks(args.num_adapters, ranks)
+    sets = None
+    t = time.monotonic()
+    if args.num_adapters:
+        sets = WeightSets(model_cfg, ranks_of, tuple(args.modules), args.sets_per_rank,
+                          args.seed, dtype, device)
+    names = register(engine, sets, ranks_of) if sets is not None else []
+    adapters_s = time.monotonic() - t
+    warm_up(engine, sets, args.seed)
+    played = replay(engine, trace, names, saturate=args.saturate, seed=args.seed)
+    stats = engine.stats()
+    results = {"loraplane": {
+        **summarize(played.records, args.slo), **decode_steps(played.steps),
+        "preemptions": played.preemptions, "adapters_resident_at_end": stats.adapters_resident,
+        "pool_pages": stats.pool_pages_total, "page_bytes": stats.page_bytes}}
+    pool_gib = stats.pool_pages_total * stats.page_bytes / 2**30
+
+    if args.baseline == "peft":
+        from loraplane.engine.bench.peft_baseline import load_peft, run_peft
+
+        del engine, played  # give the device memory to the baseline
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        model = load_peft(model_cfg, trace, names, ranks_of, sets, dtype=dtype, device=device,
+                          seed=args.seed)
+        records = run_peft(model, trace, names, batch_size=args.peft_batch_size,
+                           saturate=args.saturate, seed=args.seed,
+                           vocab_size=model_cfg.vocab_size, device=device)
+        results["peft"] = summarize(records, args.slo)
+
+    record = {
+        "benchmark": "loraplane bench",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": report.machine(device),
+        "versions": report.versions(),
+        "command": " ".join(["loraplane", "bench", *sys.argv[2:]]) if len(sys.argv) > 1 else "",
+        "config": {
+            "setting": args.setting, "model": model_spec, "dtype": str(dtype).removeprefix(
+                "torch."), "device": str(device), "ranks": list(ranks),
+            "modules": list(args.modules), "num_adapters": args.num_adapters,
+            "adapter_storage": ADAPTER_STORAGE if sets is not None else None,
+            "weight_sets_per_rank": args.sets_per_rank if sets is not None else None,
+            "adapter_host_gib": round(sets.host_bytes / 2**30, 3) if sets is not None else 0,
+            "num_requests": args.num_requests, "saturate": args.saturate, "rate": args.rate,
+            "cv": args.cv, "alpha": args.alpha, "round_robin_adapters": args.round_robin_adapters,
+            "input_range": list(args.input_range), "output_range": list(args.output_range),
+            "slo_s": args.slo, "seed": args.seed, "max_num_seqs": args.max_num_seqs,
+            "max_num_batched_tokens": args.max_num_batched_tokens, "pool_gib": round(pool_gib, 3),
+            "baseline": args.baseline,
+            "peft_batch_size": args.peft_batch_size if args.baseline == "peft" else None,
+            "sampling": "greedy, output length forced (ignore_eos)",
+        },
+        "trace": {
+            "distinct_adapters_used": len({r.adapter for r in trace if r.adapter is not None}),
+            "mean_input_len": round(float(np.mean([r.input_len for r in trace])), 1),
+            "mean_output_len": round(float(np.mean([r.output_len for r in trace])), 1),
+            "span_s": round(trace[-1].arrival, 3),
+        },
+        "setup_s": {"engine_build": round(build_s, 2), "adapters": round(adapters_s, 2)},
+        "results": results,
+    }
+    if "peft" in results and results["peft"].get("output_tokens_per_s"):
+        ours, peft = results["loraplane"], results["peft"]
+        record["ratios"] = {
+            "req_per_s_vs_peft": round(ours["req_per_s"] / peft["req_per_s"], 2),
+            "output_tokens_per_s_vs_peft": round(
+                ours["output_tokens_per_s"] / peft["output_tokens_per_s"], 2)}
+    path = report.write(record, args.out)
+    print(report.header(record))
+    print(report.table(results))
+    if "ratios" in record:
+        print("loraplane / PEFT: " + ", ".join(f"{k} {v}x" for k, v in record["ratios"].items()))
+    print(f"-> {path}")
+    return 0

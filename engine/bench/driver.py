@@ -1,0 +1,107 @@
+"""Replays a trace against an in-process LLMEngine and records each request's timings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from loraplane.engine.bench.adapters import WeightSets
+from loraplane.engine.bench.metrics import RequestRecord
+from loraplane.engine.bench.workload import Request, prompt_ids
+from loraplane.engine.engine import LLMEngine
+from loraplane.engine.sampling_params import SamplingParams
+from loraplane.engine.sequence import Sequence
+
+WARMUP_INDEX = 1 << 30  # prompt seeds of warm-up requests, apart from the trace's
+
+
+@dataclass
+class Replay:
+    """What one replay recorded: per-request timings and (seconds, rows, all_decode) per step."""
+
+    records: list[RequestRecord]
+    steps: list[tuple[float, int, bool]] = field(default_factory=list)
+    preemptions: int = 0
+
+
+def params_for(request: Request) -> SamplingParams:
+    """Greedy, with the trace's output length forced (end-of-sequence ignored)."""
+    return SamplingParams(max_tokens=request.output_len, temperature=0.0, ignore_eos=True)
+
+
+def _sync(engine: LLMEngine) -> None:
+    if engine.pool.data.device.type == "cuda":
+        torch.cuda.synchronize(engine.pool.data.device)
+
+
+def warm_up(engine: LLMEngine, sets: WeightSets | None, seed: int) -> None:
+    """Run a short mixed batch (every rank, prefill and decode) through adapters the trace
+    does not use, then unregister them, so lazy initialisation is not timed."""
+    names: list[str | None] = [None]
+    if sets is not None:
+        for rank in sets.ranks:
+            weights, label = sets.first(rank)
+            engine.add_adapter(f"warmup-r{rank}", label, weights)
+            names.append(f"warmup-r{rank}")
+    vocab = engine.config.vocab_size
+    prompts: list[str | list[int]] = [
+        prompt_ids(Request(WARMUP_INDEX + i, 0.0, None, 48 + 16 * i, 8), vocab, seed)
+        for i in range(len(names))]
+    engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                    names)
+    for name in names[1:]:
+        assert name is not None
+        engine.unload_adapter(name)
+    _sync(engine)
+
+
+def replay(engine: LLMEngine, trace: list[Request], names: list[str], *, saturate: bool,
+           seed: int) -> Replay:
+    """Add each request when its arrival time passes (all at once when saturate), step the
+    engine until every request has finished, and record arrival, first token and finish."""
+    vocab = engine.config.vocab_size
+    prompts = [prompt_ids(r, vocab, seed) for r in trace]
+    params = [params_for(r) for r in trace]
+    seqs: list[Sequence | None] = [None] * len(trace)
+    sched = engine.scheduler
+    preempted_before = sched.num_preemptions
+    steps: list[tuple[float, int, bool]] = []
+    t0 = time.monotonic()
+    records = [RequestRecord(t0 if saturate else t0 + r.arrival, r.input_len, r.output_len)
+               for r in trace]
+    bar = tqdm(total=len(trace), desc="replaying", unit="req")
+    nxt = 0
+    while nxt < len(trace) or engine.has_work():
+        now = time.monotonic()
+        while nxt < len(trace) and records[nxt].arrival <= now:
+            r = trace[nxt]
+            adapter = names[r.adapter] if r.adapter is not None else None
+            seqs[nxt] = engine.add_request(str(r.index), prompts[nxt], params[nxt], adapter)
+            nxt += 1
+        if not engine.has_work():
+            time.sleep(max(0.0, min(records[nxt].arrival - time.monotonic(), 0.05)))
+            continue
+        running, waiting = len(sched.running), len(sched.waiting)
+        start = time.monotonic()
+        outputs = engine.step()
+        end = time.monotonic()
+        # A pure decode step: every running sequence sampled a token that was not its first,
+        # and nothing was admitted or preempted.
+        all_decode = (len(outputs) == running > 0 and len(sched.waiting) == waiting
+                      and all(o.completion_tokens > 1 for o in outputs))
+        steps.append((end - start, len(outputs), all_decode))
+        for out in outputs:
+            if out.finished:
+                i = int(out.request_id)
+                seq = seqs[i]
+                assert seq is not None
+                rec = records[i]
+                rec.first_token = seq.first_token_time
+                rec.finish = end
+                rec.tokens = out.completion_tokens
+                bar.update(1)
+    bar.close()
+    return Replay(records, steps, sched.num_preemptions - preempted_before)

@@ -1,0 +1,70 @@
+"""Per-request timings of a replay and the summary the S-LoRA benchmark reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class RequestRecord:
+    """When one request arrived, got its first token and finished (time.monotonic seconds)."""
+
+    arrival: float
+    input_len: int
+    output_len: int
+    first_token: float | None = None
+    finish: float | None = None
+    tokens: int = 0  # output tokens produced
+
+
+def _ms(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)) * 1000, 3) if values else float("nan")
+
+
+def summarize(records: list[RequestRecord], slo_s: float) -> dict:
+    """Throughput over the busy interval, first-token latency p50/p99 and SLO attainment."""
+    done = [r for r in records if r.finish is not None and r.first_token is not None]
+    if not done:
+        return {"num_finished": 0}
+    start = min(r.arrival for r in records)
+    end = max(r.finish for r in done if r.finish is not None)
+    busy = max(end - start, 1e-9)
+    ttft = [r.first_token - r.arrival for r in done if r.first_token is not None]
+    latency = [r.finish - r.arrival for r in done if r.finish is not None]
+    out_tokens = sum(r.tokens for r in done)
+    in_tokens = sum(r.input_len for r in done)
+    return {
+        "num_finished": len(done),
+        "busy_s": round(busy, 4),
+        "req_per_s": round(len(done) / busy, 4),
+        "output_tokens_per_s": round(out_tokens / busy, 2),
+        "total_tokens_per_s": round((in_tokens + out_tokens) / busy, 2),
+        "output_tokens": out_tokens,
+        "prompt_tokens": in_tokens,
+        "first_token_ms_p50": _ms(ttft, 50),
+        "first_token_ms_p99": _ms(ttft, 99),
+        "first_token_ms_mean": round(float(np.mean(ttft)) * 1000, 3),
+        "latency_ms_p50": _ms(latency, 50),
+        "latency_ms_p99": _ms(latency, 99),
+        "slo_s": slo_s,
+        # Every request counts: one that never finished missed its SLO.
+        "slo_attainment": round(sum(t <= slo_s for t in ttft) / len(records), 4),
+    }
+
+
+def decode_steps(steps: list[tuple[float, int, bool]]) -> dict:
+    """Median time and batch size of pure-decode steps from (seconds, rows, all_decode) tuples."""
+    pure = [(s, n) for s, n, d in steps if d]
+    if not pure:
+        return {"decode_steps": 0}
+    secs = [s for s, _ in pure]
+    return {
+        "decode_steps": len(pure),
+        "decode_step_ms_p50": _ms(secs, 50),
+        "decode_step_ms_p99": _ms(secs, 99),
+        "decode_batch_p50": float(np.median([n for _, n in pure])),
+        "decode_tokens_per_s": round(sum(n for _, n in pure) / sum(secs), 2),
+        "steps_total": len(steps),
+    }

@@ -1,0 +1,1 @@
+"""Where the gateway keeps tenants, keys, the adapter registry, limit state and usage."""

@@ -1,0 +1,1 @@
+"""loraplane's control plane: the LoraAdapter operator (Kopf) and the node agent."""

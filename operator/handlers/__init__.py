@@ -1,0 +1,1 @@
+"""What the Kopf wrappers in main.py call: orchestration of verification, agents and status."""

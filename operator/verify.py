@@ -1,0 +1,123 @@
+"""Check an adapter in S3 before any node downloads it: config, safetensors header, checksum.
+
+Only adapter_config.json and the header at the start of adapter_model.safetensors are read
+(two ranged GETs), so a bad adapter fails in milliseconds whatever its size.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+from loraplane.engine.adapter_format import (
+    CONFIG_FILE,
+    MAX_CONFIG_BYTES,
+    PICKLE_SUFFIXES,
+    SAFETENSORS_DTYPES,
+    WEIGHTS_FILE,
+    check_config,
+    check_layout,
+    fail,
+    index_safetensors_header,
+    parse_config,
+)
+from loraplane.engine.config import ModelConfig
+from loraplane.engine.errors import InvalidAdapterError
+from loraplane.operator import s3
+
+MAX_HEADER_BYTES = 16 << 20
+
+
+class AdapterRejected(Exception):
+    """The adapter can never load as it is; reason is the condition reason a person sees."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class AdapterFacts:
+    """What verification learnt: rank, modules, weights size and (if S3 stored one) sha256."""
+
+    rank: int
+    alpha: float
+    modules: tuple[str, ...]
+    size_bytes: int
+    stored_sha256: str | None
+
+
+def check_header(config_bytes: bytes, header_bytes: bytes, model: ModelConfig, *, name: str,
+                 max_rank: int) -> tuple[int, float, tuple[str, ...]]:
+    """(rank, alpha, modules) from the config file and the safetensors header JSON; pure."""
+    rank, alpha, _ = check_config(parse_config(config_bytes, name), name, max_rank)
+    try:
+        header = json.loads(header_bytes.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise fail(name, f"cannot read {WEIGHTS_FILE}: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise fail(name, f"cannot read {WEIGHTS_FILE}: header is not a JSON object")
+    index = index_safetensors_header(header, name, model)
+    return rank, alpha, check_layout(index, rank, model, name, SAFETENSORS_DTYPES)
+
+
+def header_length(prefix: bytes, file_size: int, name: str) -> int:
+    """The safetensors header length from the file's first 8 bytes, bounded and sane."""
+    if len(prefix) < 8:
+        raise fail(name, f"cannot read {WEIGHTS_FILE}: file shorter than 8 bytes")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n < 2 or n > MAX_HEADER_BYTES or 8 + n > file_size:
+        raise fail(name, f"cannot read {WEIGHTS_FILE}: header length {n} is invalid")
+    return n
+
+
+def verify(loc: s3.S3Location, model: ModelConfig, *, name: str, max_rank: int,
+           max_bytes: int, sha256: str | None) -> AdapterFacts:
+    """Verify a PEFT folder in S3 against the base model (blocking: run it in a thread)."""
+    try:
+        try:
+            weights = s3.head(loc, WEIGHTS_FILE)
+        except s3.SourceError as e:
+            if e.reason != "ObjectNotFound":
+                raise
+            names = s3.list_names(loc)
+            pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+            if pickles:
+                raise AdapterRejected("PickleRefused", (
+                    f"only pickled weights found ({', '.join(pickles[:5])}); pickle files are "
+                    f"refused because loading them can run code. Convert the adapter to "
+                    f"{WEIGHTS_FILE}")) from None
+            raise AdapterRejected("ObjectNotFound", f"{WEIGHTS_FILE} not found under "
+                                                    f"s3://{loc.bucket}/{loc.prefix}/") from None
+        if weights["size"] > max_bytes:
+            raise AdapterRejected("TooLarge", f"{WEIGHTS_FILE} is {weights['size']} bytes, "
+                                              f"over the limit of {max_bytes}")
+        if sha256 and weights["sha256"] and weights["sha256"] != sha256:
+            raise AdapterRejected("ChecksumMismatch", (
+                f"S3 stores sha256 {weights['sha256']} for {WEIGHTS_FILE}, the spec asks for "
+                f"{sha256}"))
+        try:
+            config_bytes = s3.read_small(loc, CONFIG_FILE, MAX_CONFIG_BYTES)
+        except s3.SourceError as e:
+            if e.reason == "ObjectNotFound":
+                where = f"s3://{loc.bucket}/{loc.prefix}/"
+                raise AdapterRejected("ObjectNotFound",
+                                      f"{CONFIG_FILE} not found under {where}") from None
+            raise
+        first = s3.read_range(loc, WEIGHTS_FILE, 0, 8)
+        n = header_length(first, weights["size"], name)
+        header = s3.read_range(loc, WEIGHTS_FILE, 8, n)
+        rank, alpha, modules = check_header(config_bytes, header, model, name=name,
+                                            max_rank=max_rank)
+    except s3.SourceError as e:
+        if e.transient:
+            raise
+        raise AdapterRejected(e.reason, e.message) from None
+    except InvalidAdapterError as e:
+        reason = "ShapeMismatch" if "expected" in e.message or "layer" in e.message else \
+            "InvalidAdapter"
+        raise AdapterRejected(reason, e.message) from None
+    return AdapterFacts(rank=rank, alpha=alpha, modules=modules, size_bytes=weights["size"],
+                        stored_sha256=weights["sha256"])

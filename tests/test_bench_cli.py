@@ -1,0 +1,90 @@
+"""`loraplane bench` end to end on the tiny random model on CPU (three runs side by side)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BASE = ["--model", "random:tiny", "--setting", "S1", "--num-requests", "12",
+        "--input-range", "4", "16", "--output-range", "2", "8", "--device", "cpu", "--saturate",
+        "--pool-memory", "0.05"]
+RUNS = {
+    "lora": ["--num-adapters", "5"],
+    "base": ["--num-adapters", "0"],
+    "peft": ["--num-adapters", "5", "--ranks", "2", "4", "--baseline", "peft"],
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Start the three runs at once (each spends most of its time importing), then read them."""
+    procs = {}
+    for name, extra in RUNS.items():
+        out = tmp_path_factory.mktemp(name)
+        cmd = [sys.executable, "-m", "loraplane.cli", "bench", *BASE, *extra, "--out", str(out)]
+        procs[name] = (out, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True))
+    found = {}
+    for name, (out, proc) in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        files = list(Path(out).glob("*.json"))
+        assert len(files) == 1
+        assert "req/s" in stdout and str(files[0]) in stdout
+        found[name] = json.loads(files[0].read_text())
+    return found
+
+
+def _check_summary(r: dict, n: int) -> None:
+    assert r["num_finished"] == n
+    assert r["req_per_s"] > 0 and r["output_tokens_per_s"] > 0
+    assert 0 <= r["first_token_ms_p50"] <= r["first_token_ms_p99"]
+    assert r["slo_attainment"] == 1.0  # a tiny model answers well within 6 s
+
+
+def test_engine_with_adapters(results: dict[str, dict]) -> None:
+    rec = results["lora"]
+    c = rec["config"]
+    assert c["setting"] == "S1" and c["ranks"] == [8] and c["num_adapters"] == 5
+    assert c["adapter_storage"] == "shared host tensors, distinct pool pages"
+    assert c["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"] and c["saturate"]
+    assert rec["machine"]["cpu"] and rec["versions"]["torch"]
+    assert rec["date"] and "peft" not in rec["results"]
+    r = rec["results"]["loraplane"]
+    _check_summary(r, 12)
+    # Forced lengths: the trace's output lengths are what was generated.
+    assert 12 * 2 <= r["output_tokens"] <= 12 * 8
+    assert r["decode_steps"] > 0 and r["decode_step_ms_p50"] > 0
+    assert 1 <= rec["trace"]["distinct_adapters_used"] <= 5
+
+
+def test_no_lora(results: dict[str, dict]) -> None:
+    rec = results["base"]
+    assert rec["config"]["num_adapters"] == 0 and rec["config"]["adapter_storage"] is None
+    _check_summary(rec["results"]["loraplane"], 12)
+    assert rec["trace"]["distinct_adapters_used"] == 0
+    # The same seed gives the same lengths with or without adapters.
+    lora = results["lora"]["results"]["loraplane"]
+    assert rec["results"]["loraplane"]["output_tokens"] == lora["output_tokens"]
+
+
+def test_peft_baseline(results: dict[str, dict]) -> None:
+    rec = results["peft"]
+    assert rec["config"]["ranks"] == [2, 4] and rec["config"]["baseline"] == "peft"
+    ours, peft = rec["results"]["loraplane"], rec["results"]["peft"]
+    _check_summary(ours, 12)
+    _check_summary(peft, 12)
+    assert peft["output_tokens"] == ours["output_tokens"]
+    assert rec["ratios"]["req_per_s_vs_peft"] > 0
+
+
+def test_rank_above_limit_is_refused(tmp_path: Path) -> None:
+    from loraplane.cli import main
+
+    with pytest.raises(SystemExit, match="max-lora-rank"):
+        main(["bench", *BASE, "--num-adapters", "2", "--ranks", "64", "--max-lora-rank", "16",
+              "--out", str(tmp_path)])
