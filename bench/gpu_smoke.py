@@ -40,8 +40,8 @@ def weights(cfg: ModelConfig, rank: int, seed: int, modules: tuple[str, ...] = M
 
 
 def engine_for(cfg: ModelConfig, model: torch.nn.Module, op: type, pool_gib: float,
-               attention: type = TritonAttention, **kw: int) -> LLMEngine:
-    ec = EngineConfig(pool_bytes=int(pool_gib * 2**30), max_model_len=2048, **kw)
+               attention: type = TritonAttention, **kw: int | bool) -> LLMEngine:
+    ec = EngineConfig(pool_bytes=int(pool_gib * 2**30), max_model_len=2048, **kw)  # type: ignore[arg-type]
     eng = LLMEngine(EngineParts(model, cfg, Tokenizer.byte_level(cfg.vocab_size), cfg.name),  # type: ignore[arg-type]
                     ec, lora_op=op)
     eng.runner.attention = attention
@@ -52,9 +52,11 @@ def parity(dev: torch.device) -> dict:
     cfg = NAMED_SHAPES["smollm2-135m"]
     out = {}
     results = []
-    for op, attention in ((TorchLoraOp, TorchAttention), (TritonLoraOp, TritonAttention)):
+    variants = ((TorchLoraOp, TorchAttention, False), (TritonLoraOp, TritonAttention, False),
+                (TritonLoraOp, TritonAttention, True))
+    for op, attention, graphs in variants:
         model = build_model(cfg, None, 2048, torch.float32, dev, seed=3)
-        eng = engine_for(cfg, model, op, 2.0, attention)
+        eng = engine_for(cfg, model, op, 2.0, attention, cuda_graphs=graphs)
         names: list[str | None] = [None]
         for i, r in enumerate((4, 8, 16, 64)):
             mods = MODULES if i % 2 else ("q_proj", "v_proj", "gate_proj", "down_proj")
@@ -69,15 +71,20 @@ def parity(dev: torch.device) -> dict:
         results.append([s.output_ids for s in seqs])
         del eng, model
         torch.cuda.empty_cache()
-    out["same_tokens"] = results[0] == results[1]
-    out["rows_equal"] = sum(a == b for a, b in zip(results[0], results[1], strict=True))
+    for name, i, j in (("torch_vs_triton_eager", 0, 1), ("triton_eager_vs_graphs", 1, 2)):
+        out[name] = {"same_tokens": results[i] == results[j],
+                     "rows_equal": sum(a == b for a, b in zip(results[i], results[j],
+                                                              strict=True)),
+                     "rows": len(results[i])}
     return out
 
 
-def decode_steps(dev: torch.device, batch: int, n_adapters: int, rank: int) -> dict:
+def decode_steps(dev: torch.device, batch: int, n_adapters: int, rank: int,
+                 graphs: bool = True) -> dict:
     cfg = NAMED_SHAPES["llama-2-7b"]
     model = build_model(cfg, None, 2048, torch.bfloat16, dev)
-    eng = engine_for(cfg, model, TritonLoraOp, 20.0, max_num_seqs=max(batch, 1))
+    eng = engine_for(cfg, model, TritonLoraOp, 20.0, max_num_seqs=max(batch, 1),
+                     cuda_graphs=graphs)
     for i in range(n_adapters):
         eng.add_adapter(f"a{i}", "", weights(cfg, rank, i))
     gen = torch.Generator().manual_seed(1)
@@ -98,7 +105,7 @@ def decode_steps(dev: torch.device, batch: int, n_adapters: int, rank: int) -> d
     times.sort()
     del eng, model
     torch.cuda.empty_cache()
-    return {"batch": batch, "adapters": n_adapters, "rank": rank,
+    return {"batch": batch, "adapters": n_adapters, "rank": rank, "cuda_graphs": graphs,
             "step_ms_median": round(times[len(times) // 2], 2),
             "tokens_per_s": round(batch / times[len(times) // 2] * 1000, 1)}
 
@@ -113,16 +120,18 @@ def main() -> None:
     res["parity_fp32_triton_vs_torch"] = parity(dev)
     print("parity:", res["parity_fp32_triton_vs_torch"], flush=True)
     res["decode"] = []
-    for batch, n, r in ((1, 0, 0), (1, 1, 16), (32, 0, 0), (32, 32, 16), (64, 64, 16)):
-        res["decode"].append(decode_steps(dev, batch, n, r))
+    runs = ((1, 0, 0, False), (1, 0, 0, True), (1, 1, 16, True), (32, 0, 0, True),
+            (32, 32, 16, True), (64, 0, 0, True), (64, 64, 16, True), (64, 64, 64, True))
+    for batch, n, r, graphs in runs:
+        res["decode"].append(decode_steps(dev, batch, n, r, graphs))
         print(res["decode"][-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gpu-smoke-h200-{res['date']}.json"
     path.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"{'batch':>6}{'adapters':>9}{'rank':>5}{'ms/step':>9}{'tok/s':>9}")
+    print(f"{'batch':>6}{'adapters':>9}{'rank':>5}{'graphs':>7}{'ms/step':>9}{'tok/s':>9}")
     for d in res["decode"]:
-        print(f"{d['batch']:>6}{d['adapters']:>9}{d['rank']:>5}{d['step_ms_median']:>9}"
-              f"{d['tokens_per_s']:>9}")
+        print(f"{d['batch']:>6}{d['adapters']:>9}{d['rank']:>5}{d['cuda_graphs']!s:>7}"
+              f"{d['step_ms_median']:>9}{d['tokens_per_s']:>9}")
     print(f"-> {path}")
 
 

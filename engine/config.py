@@ -127,5 +127,8 @@ class EngineConfig:
     max_adapter_bytes: int = 4 << 30
     max_waiting: int = 4096
     seed: int = 0
+    # Replay decode steps from captured CUDA graphs (CUDA only; False: always eager).
+    cuda_graphs: bool = True
+    max_graph_batch: int = 64
     # When set, adapter paths must resolve inside one of these folders.
     adapter_roots: tuple[str, ...] = ()

@@ -13,7 +13,9 @@ import torch
 
 from loraplane.engine.adapter_cache import Adapter, AdapterCache
 from loraplane.engine.adapters import LoraWeights, read_adapter
+from loraplane.engine.attention import TritonAttention
 from loraplane.engine.config import EngineConfig, ModelConfig
+from loraplane.engine.cuda_graphs import DecodeGraphs
 from loraplane.engine.detokenizer import append_token, take_output
 from loraplane.engine.errors import (
     BadRequestError,
@@ -98,6 +100,13 @@ class LLMEngine:
         pool_tokens = num_pages * layout.block_size
         limit = engine_config.max_model_len or parts.config.max_position_embeddings
         self.max_model_len = min(limit, parts.config.max_position_embeddings, pool_tokens)
+        if (engine_config.cuda_graphs and device.type == "cuda"
+                and self.runner.attention is TritonAttention
+                and self.lora.op.graph_safe):
+            self.runner.graphs = DecodeGraphs(
+                parts.model, parts.config, self.pool, self.lora, self.max_model_len,
+                min(engine_config.max_graph_batch, engine_config.max_num_seqs),
+                engine_config.max_lora_rank)
         self.eos_ids = tuple(parts.tokenizer.eos_token_ids) or parts.config.eos_token_ids
         self._stats = EngineStats()
         self._finished = Counter[str]()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from loraplane.engine.attention import SeqSlice, TorchAttention, TritonAttention
+from loraplane.engine.cuda_graphs import DecodeGraphs
 from loraplane.engine.lora.layers import LoraState
 from loraplane.engine.lora.ops import LoraSegment
 from loraplane.engine.memory_pool import DevicePool
@@ -25,13 +26,15 @@ class ModelRunner:
     """Runs a ScheduledBatch through the model and returns the sampled tokens."""
 
     def __init__(self, model: LlamaModel, pool: DevicePool, lora: LoraState,
-                 attention: AttentionBackend | None = None) -> None:
+                 attention: AttentionBackend | None = None,
+                 graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.pool = pool
         self.lora = lora
         self.device = pool.data.device
         self.block_size = pool.layout.block_size
         self.attention = attention or default_attention(self.device)
+        self.graphs = graphs  # decode steps replay captured CUDA graphs when set
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], torch.Tensor]:
@@ -62,6 +65,10 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sample_rows.append(row + n - 1)
                 samplers.append(seq)
+        if self.graphs is not None and len(ids) == len(slices):  # a pure decode step
+            logits = self.graphs.run(ids, [s.context_len - 1 for s in slices], slices, segments)
+            if logits is not None:
+                return samplers, sample(logits, samplers), logits
         dev = self.device
         meta = self.attention.build(slices, self.block_size, dev)
         self.lora.batch = self.lora.op.prepare(segments)

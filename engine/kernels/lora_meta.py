@@ -35,8 +35,19 @@ class LoraKernelMeta:
     max_rank: int
 
 
-def build_meta(segments: list[LoraSegment], block_m: int, device: torch.device) -> LoraKernelMeta:
-    """Pack the step's segments into one int32 buffer and copy it to the device once."""
+@dataclass(frozen=True)
+class StaticShape:
+    """Fixed sizes for metadata that a CUDA graph reads: padded tiles, segments, pages."""
+
+    tiles: int
+    segs: int  # includes one spare, rank-0 segment that padding tiles point at
+    pages: int
+    max_rank: int
+
+
+def _pack(segments: list[LoraSegment], block_m: int,
+          static: StaticShape | None) -> tuple[torch.Tensor, tuple[int, int, int], int, int]:
+    """Host int32 buffer [tiles | segs | offsets | pages] and the sizes of the first three."""
     tiles: list[int] = []
     segs: list[int] = []
     offsets: list[int] = []
@@ -56,15 +67,54 @@ def build_meta(segments: list[LoraSegment], block_m: int, device: torch.device) 
         for row in range(seg.start, seg.end, block_m):
             tiles += [s, row]
         max_rank = max(max_rank, a.rank)
+    num_tiles = len(tiles) // TILE_FIELDS
+    if static is not None:
+        spare = static.segs - 1
+        if (num_tiles > static.tiles or len(segments) > spare or len(pages) > static.pages
+                or max_rank > static.max_rank):
+            raise ValueError("the step's LoRA metadata exceeds the captured graph's sizes")
+        tiles += [spare, 0] * (static.tiles - num_tiles)
+        segs += [0, 0, 0, 0] * (static.segs - len(segments))
+        offsets += [-1] * (2 * len(LORA_MODULES) * (static.segs - len(segments)))
+        pages += [0] * (static.pages - len(pages))
+        num_tiles, max_rank = static.tiles, static.max_rank
     flat = torch.tensor(tiles + segs + offsets + pages, dtype=torch.int32)
-    if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    n_t, n_s, n_o = len(tiles), len(segs), len(offsets)
+    return flat, (len(tiles), len(segs), len(offsets)), num_tiles, max_rank
+
+
+def _views(flat: torch.Tensor, sizes: tuple[int, int, int], num_tiles: int,
+           max_rank: int) -> LoraKernelMeta:
+    n_t, n_s, n_o = sizes
     return LoraKernelMeta(
         tiles=flat[:n_t].view(-1, TILE_FIELDS),
         segs=flat[n_t:n_t + n_s].view(-1, SEG_FIELDS),
         offsets=flat[n_t + n_s:n_t + n_s + n_o].view(-1, len(LORA_MODULES), 2),
         pages=flat[n_t + n_s + n_o:],
-        num_tiles=n_t // TILE_FIELDS,
+        num_tiles=num_tiles,
         max_rank=max_rank,
     )
+
+
+def build_meta(segments: list[LoraSegment], block_m: int, device: torch.device) -> LoraKernelMeta:
+    """Pack the step's segments into one int32 buffer and copy it to the device once."""
+    flat, sizes, num_tiles, max_rank = _pack(segments, block_m, None)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    return _views(flat, sizes, num_tiles, max_rank)
+
+
+class StaticMeta:
+    """Device buffers of fixed size that a captured graph reads; refilled before each replay."""
+
+    def __init__(self, shape: StaticShape, block_m: int, device: torch.device) -> None:
+        self.shape = shape
+        self.block_m = block_m
+        flat, sizes, num_tiles, max_rank = _pack([], block_m, shape)
+        self.flat = flat.to(device)
+        self.meta = _views(self.flat, sizes, num_tiles, max_rank)
+
+    def fill(self, segments: list[LoraSegment]) -> LoraKernelMeta:
+        """Copy this step's segments into the buffers (asynchronously) and return their views."""
+        flat, _, _, _ = _pack(segments, self.block_m, self.shape)
+        self.flat.copy_(flat.pin_memory() if self.flat.is_cuda else flat, non_blocking=True)
+        return self.meta

@@ -32,6 +32,9 @@ class LoraBatch:
 class LoraOp(ABC):
     """y[rows] += (x[rows] · A_a^T) · B_a^T for each segment's adapter a, A/B read from the pool."""
 
+    # True when `apply` can be captured in a CUDA graph from fixed-size metadata (static_meta).
+    graph_safe = False
+
     def __init__(self, pool: DevicePool) -> None:
         self.pool = pool
 

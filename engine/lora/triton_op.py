@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from loraplane.engine.kernels.lora_expand import lora_expand
-from loraplane.engine.kernels.lora_meta import build_meta
+from loraplane.engine.kernels.lora_meta import StaticMeta, StaticShape, build_meta
 from loraplane.engine.kernels.lora_shrink import lora_shrink
 from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment
 from loraplane.engine.memory_pool import DevicePool
@@ -15,6 +15,7 @@ class TritonLoraOp(LoraOp):
     """Shrink then expand, one launch each per projection, over all segments and ranks at once."""
 
     block_m = 16
+    graph_safe = True
 
     def __init__(self, pool: DevicePool, split_k: int = 4) -> None:
         super().__init__(pool)
@@ -24,6 +25,16 @@ class TritonLoraOp(LoraOp):
         if not segments:
             return LoraBatch([])
         return LoraBatch(segments, build_meta(segments, self.block_m, self.pool.data.device))
+
+    def static_meta(self, rows: int, max_rank: int, chunks_per_rank: int) -> StaticMeta:
+        """Fixed-size metadata buffers for a CUDA graph of `rows` decode rows.
+
+        chunks_per_rank: pool chunks one rank row of an adapter on all seven modules takes.
+        """
+        per_adapter = self.pool.layout.pages_for_chunks(max_rank * chunks_per_rank)
+        shape = StaticShape(tiles=rows, segs=rows + 1, pages=rows * per_adapter,
+                            max_rank=max_rank)
+        return StaticMeta(shape, self.block_m, self.pool.data.device)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, layer: int, module: str,
               batch: LoraBatch) -> None:

@@ -1,0 +1,130 @@
+"""CUDA graphs for decode steps: one captured forward per batch-size bucket, with and without LoRA.
+
+A decode step of a 7B model is hundreds of small kernels; launched from Python they cost more
+than the GPU work at small batch. A graph replays them in one launch. Every input the forward
+reads lives in a static buffer refilled before replay: token ids, positions, KV slots, block
+tables and context lengths (padding rows get length 0 and write their K/V to a scratch page),
+and the LoRA kernels' metadata (padding tiles point at a rank-0 segment).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from loraplane.engine.attention import SeqSlice, TritonAttention, slots_of
+from loraplane.engine.config import LORA_MODULES, ModelConfig
+from loraplane.engine.kernels.lora_meta import StaticMeta
+from loraplane.engine.lora.layers import LoraState
+from loraplane.engine.lora.ops import LoraBatch, LoraSegment
+from loraplane.engine.memory_pool import KV, DevicePool
+from loraplane.engine.models.llama import LlamaModel
+
+log = logging.getLogger(__name__)
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64
+    attn: TritonAttention
+    lora: StaticMeta | None
+    logits: torch.Tensor  # [B, vocab] float32
+
+
+class DecodeGraphs:
+    """Captures and replays decode forwards; `run` returns logits [rows, vocab] or None."""
+
+    def __init__(self, model: LlamaModel, config: ModelConfig, pool: DevicePool, lora: LoraState,
+                 max_model_len: int, max_batch: int, max_rank: int) -> None:
+        self.model = model
+        self.config = config
+        self.pool = pool
+        self.lora = lora
+        self.block_size = pool.layout.block_size
+        self.max_blocks = -(-max_model_len // self.block_size)
+        self.max_rank = max_rank
+        self.buckets = [b for b in BUCKETS if b <= max_batch]
+        chunk = pool.layout.chunk
+        self.chunks_per_rank = sum(sum(config.module_shape(m)) for m in LORA_MODULES) // chunk
+        # Padding rows write their K/V here; the page is owned for the engine's life.
+        self.scratch_slot = pool.pages.allocate(1, KV)[0] * self.block_size
+        self.mempool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, bool], _Graph] = {}
+
+    def bucket(self, rows: int) -> int | None:
+        return next((b for b in self.buckets if b >= rows), None)
+
+    def _capture(self, rows: int, with_lora: bool) -> _Graph:
+        dev = self.pool.data.device
+        ids = torch.zeros(rows, dtype=torch.int64, device=dev)
+        positions = torch.zeros(rows, dtype=torch.int64, device=dev)
+        attn = TritonAttention(
+            slot_mapping=torch.full((rows,), self.scratch_slot, dtype=torch.int64, device=dev),
+            num_decode=rows,
+            decode_tables=torch.zeros(rows, self.max_blocks, dtype=torch.int32, device=dev),
+            decode_lens=torch.zeros(rows, dtype=torch.int32, device=dev),
+            prefill_tables=torch.zeros(0, 1, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device=dev),
+            prefill_lens=torch.zeros(0, dtype=torch.int32, device=dev),
+            max_query_len=0, block_size=self.block_size)
+        static = None
+        op = self.lora.op
+        if with_lora:
+            static = op.static_meta(rows, self.max_rank,  # type: ignore[attr-defined]
+                                    self.chunks_per_rank)
+            # A placeholder segment keeps the LoRA branch in the captured graph.
+            self.lora.batch = LoraBatch([LoraSegment(0, 0, None)], static.meta)  # type: ignore[arg-type]
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(2):  # compile kernels, warm allocators outside the capture
+                    self.model.logits(self.model(ids, positions, self.pool, attn))
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.mempool), torch.inference_mode():
+                logits = self.model.logits(self.model(ids, positions, self.pool, attn))
+        finally:
+            self.lora.batch = LoraBatch([])
+        log.info("captured a decode graph for %d rows (%s LoRA)", rows,
+                 "with" if with_lora else "without")
+        return _Graph(graph, ids, positions, attn, static, logits)
+
+    def run(self, ids: list[int], positions: list[int], slices: list[SeqSlice],
+            segments: list[LoraSegment]) -> torch.Tensor | None:
+        """Replay the graph of the smallest bucket that fits; None if no bucket fits."""
+        rows = len(ids)
+        b = self.bucket(rows)
+        if b is None or any(len(s.block_table) > self.max_blocks for s in slices):
+            return None
+        if segments and max(s.adapter.rank for s in segments) > self.max_rank:
+            return None
+        key = (b, bool(segments))
+        g = self.graphs.get(key)
+        if g is None:
+            g = self.graphs[key] = self._capture(b, bool(segments))
+        pad = b - rows
+        tables = torch.zeros(b, self.max_blocks, dtype=torch.int32)
+        for r, s in enumerate(slices):
+            tables[r, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        slots = [int(slots_of(s, self.block_size)[-1]) for s in slices]
+        host = {
+            g.ids: torch.tensor(ids + [0] * pad, dtype=torch.int64),
+            g.positions: torch.tensor(positions + [0] * pad, dtype=torch.int64),
+            g.attn.slot_mapping: torch.tensor(slots + [self.scratch_slot] * pad,
+                                              dtype=torch.int64),
+            g.attn.decode_tables: tables,
+            g.attn.decode_lens: torch.tensor([s.context_len for s in slices] + [0] * pad,
+                                             dtype=torch.int32),
+        }
+        for dst, src in host.items():
+            dst.copy_(src.pin_memory(), non_blocking=True)
+        if g.lora is not None:
+            g.lora.fill(segments)
+        g.graph.replay()
+        return g.logits[:rows]
