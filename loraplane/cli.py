@@ -192,8 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="loraplane",
         description="loraplane: serve thousands of LoRA adapters of one base LLM.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    words = sys.argv[1:] if argv is None else argv
+    chosen = next((w for w in words if not w.startswith("-")), None)
     for name, (text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=text.split(":")[0], description=text))
+        p = sub.add_parser(name, help=text.split(":")[0], description=text)
+        # Only the chosen command's arguments are built: each plane imports only its own
+        # dependencies (the engine's machine need not have the gateway's, and so on).
+        if name == chosen:
+            add_args(p)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
