@@ -1,5 +1,9 @@
 # Two commands for a fresh machine: `make serve` and `make test`. Both set up .venv first.
 VENV ?= .venv
+# The folder operator/ (imported as loraplane.operator) would shadow Python's own `operator`
+# module for a `python -m ...` started here before the package is installed: keep the current
+# folder off sys.path (Python 3.11+).
+export PYTHONSAFEPATH := 1
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
