@@ -33,6 +33,7 @@ class Admission:
     remaining_requests: float = 0.0
     limit_tokens: int | None = None
     remaining_tokens: float = 0.0
+    engine_name: str = ""  # admitted for an adapter: the name engines serve it under
 
 
 @dataclass

@@ -1,5 +1,9 @@
 """The request path: admit (key, access, limits), pick a replica, relay, settle usage.
 
+An adapter's registry record names the model engines serve it under (``engine_name``, e.g.
+``acme/poet@<version>``): requests go out, and replicas are ranked by residency, under that name;
+answers come back with the tenant's own id (``acme/poet``) in their ``model`` fields.
+
 Non-streaming answers are read whole from the engine before the client sees a byte, and streams
 up to their first event, so a replica that fails before then is retried on the next one in the
 router's order. A client that leaves closes the engine connection, which aborts the request
@@ -62,13 +66,30 @@ _LIMIT_MESSAGES = {
 
 @dataclass
 class Ticket:
-    """One admitted request: what to settle when it ends."""
+    """One admitted request: the names of its model, and what to settle when it ends."""
 
     tenant: str
     request_id: str
-    model: str
+    model: str  # as the tenant named it
     reserved: int
     prompt_estimate: int
+    served_as: str = ""  # as engines know it, once admitted
+
+    def to_tenant(self, data: bytes, ok: bool = True) -> bytes:
+        """An engine's body or SSE event with the model named as the tenant named it.
+
+        Answers carry the name as a compact ``"model":"..."`` field (the engine's JSON); an
+        error message may quote it anywhere.
+        """
+        if not self.served_as or self.served_as == self.model:
+            return data
+        if not ok:
+            return data.replace(self.served_as.encode(), self.model.encode())
+        return data.replace(_model_field(self.served_as), _model_field(self.model))
+
+
+def _model_field(name: str) -> bytes:
+    return b'"model":' + json.dumps(name).encode()
 
 
 class Proxy:
@@ -110,10 +131,17 @@ class Proxy:
         headers = ratelimit_headers(admission)
         self._check(admission, shape.model, headers)
         ticket.tenant = admission.tenant
-        candidates = routing.rank(adapter, self._replicas_for(shape.model, adapter),
+        ticket.served_as = admission.engine_name or shape.model
+        engine_adapter = ticket.served_as if adapter is not None else None
+        candidates = routing.rank(engine_adapter, self._replicas_for(shape.model, adapter),
                                   self.epsilon)[:MAX_ATTEMPTS]
+        rewrite = ticket.served_as != shape.model
+        if rewrite:
+            body["model"] = ticket.served_as
         if shape.stream and not shape.client_wants_usage:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            rewrite = True
+        if rewrite:
             raw = json.dumps(body).encode()
         try:
             if shape.stream:
@@ -169,7 +197,8 @@ class Proxy:
             except (ValueError, AttributeError):
                 usage = {}
         self.settle(ticket, usage)
-        return Response(data, status_code=status, media_type=content_type, headers=headers)
+        return Response(ticket.to_tenant(data, status == 200), status_code=status,
+                        media_type=content_type, headers=headers)
 
     async def _stream(self, path: str, raw: bytes, candidates: list[Replica], ticket: Ticket,
                       shape: RequestShape, headers: dict[str, str]) -> Response:
@@ -191,8 +220,8 @@ class Proxy:
                     self.metrics.retries.inc()
                     continue  # overloaded or dying: another replica may serve it
                 self.settle(ticket, None)
-                return Response(data, status_code=resp.status, media_type=resp.content_type,
-                                headers=headers)
+                return Response(ticket.to_tenant(data, ok=False), status_code=resp.status,
+                                media_type=resp.content_type, headers=headers)
             except _UPSTREAM_ERRORS as e:
                 self.fleet.mark_down(r, f"{type(e).__name__}: {e}")
                 self.metrics.retries.inc()
@@ -264,7 +293,7 @@ class Relay:
                     self.done = True
                 else:
                     self.chunks += 1
-                yield event
+                yield self.ticket.to_tenant(event)
                 event = await self._next()
         except _UPSTREAM_ERRORS as e:
             self.proxy.fleet.mark_down(self.replica, f"{type(e).__name__}: {e}")

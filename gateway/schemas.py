@@ -49,8 +49,24 @@ class AdapterAccess(BaseModel):
     shared_with: list[str] = Field(default_factory=list)
 
 
-class Adapter(AdapterAccess):
+class AdapterRecord(AdapterAccess):
+    """What the registry keeps per adapter: its sharing and the name engines serve it under.
+
+    ``engine_name`` is set by the operator (``<tenant>/<adapter>@<version>``, so a new version
+    is a new name and engine caches never mix versions); absent, engines serve the adapter
+    under its id (the admin API, `loraplane serve --tenants`).
+    """
+
+    engine_name: str | None = Field(default=None, max_length=512)
+
+
+class Adapter(AdapterRecord):
     id: str
+
+    @property
+    def served_as(self) -> str:
+        """The model name engines know this adapter by."""
+        return self.engine_name or self.id
 
 
 class Usage(BaseModel):

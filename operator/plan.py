@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraplane.gateway.schemas import Adapter
 from loraplane.operator.spec import LoraAdapterSpec
 
 CONDITION_TYPES = ("Verified", "Cached", "Loaded", "Ready")
@@ -99,22 +100,9 @@ def build_conditions(stage: str, ok: bool | None, reason: str, message: str, gen
     return out
 
 
-def build_record(namespace: str, name: str, spec: LoraAdapterSpec, version: str,
-                 nodes: list[dict[str, Any]], facts: dict[str, Any], now: str) -> dict[str, Any]:
-    """The gateway's registry record of a Ready adapter (JSON under loraplane:adapter:ns/name)."""
-    return {
-        "namespace": namespace,
-        "name": name,
-        "owner": namespace,
-        "baseModel": spec.base_model,
-        "version": version,
-        "engineName": build_engine_name(namespace, name, version),
-        "public": spec.sharing.public,
-        "sharedWith": sorted(spec.sharing.shared_with),
-        "rank": facts.get("rank"),
-        "modules": list(facts.get("modules", [])),
-        "sizeBytes": facts.get("sizeBytes"),
-        "nodes": [{"node": n["name"], "engines": list(n.get("engines", []))}
-                  for n in nodes if n.get("state") == "Loaded"],
-        "updatedAt": now,
-    }
+def build_record(namespace: str, name: str, spec: LoraAdapterSpec, version: str) -> Adapter:
+    """The gateway's registry record of a Ready adapter: who may use it, and the name engines
+    serve this version under (what the gateway forwards requests for ``<ns>/<name>`` as)."""
+    return Adapter(id=f"{namespace}/{name}", public=spec.sharing.public,
+                   shared_with=sorted(spec.sharing.shared_with),
+                   engine_name=build_engine_name(namespace, name, version))

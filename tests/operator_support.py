@@ -3,10 +3,10 @@ emulator, engines, node agents, the operator, redis-server; plus adapters to put
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
-import json
 import os
 import signal
 import socket
@@ -21,6 +21,8 @@ from typing import Any
 import boto3
 import httpx
 import yaml
+
+from loraplane.gateway.schemas import Adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_FILE = ROOT / "manifests" / "crd-loraadapter.yaml"
@@ -317,8 +319,15 @@ def crd_schema() -> dict[str, Any]:
     return dict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
 
 
-def record_of(redis_url: str, namespace: str, name: str) -> dict[str, Any] | None:
-    import redis
+def record_of(redis_url: str, namespace: str, name: str) -> Adapter | None:
+    """The gateway's registry record of an adapter, read through the gateway's own store."""
+    from loraplane.gateway.store.redis import RedisStore
 
-    raw = redis.Redis.from_url(redis_url).get(f"loraplane:adapter:{namespace}/{name}")
-    return json.loads(raw) if raw else None
+    async def read() -> Adapter | None:
+        store = RedisStore(redis_url)
+        try:
+            return await store.get_adapter(f"{namespace}/{name}")
+        finally:
+            await store.close()
+
+    return asyncio.run(read())

@@ -360,3 +360,44 @@ def test_tenants_cli_wraps_the_admin_api(fleet: Fleet) -> None:
     cli("delete", "clitenant")
     with pytest.raises(openai.AuthenticationError):
         fleet.client(key).models.list()
+
+
+def test_engine_name_is_forwarded_and_hidden_from_the_tenant(fleet: Fleet) -> None:
+    """The operator's records name a versioned engine model; tenants only ever see their id."""
+    for i, version in enumerate(("v1", "v2")):
+        load_adapter(fleet.b, f"vers/bot@{version}", fleet.folder, seed=10 + i)
+    deadline = time.monotonic() + 10
+    while not {"vers/bot@v1", "vers/bot@v2"} <= set(
+            {r["url"]: r for r in fleet.admin("GET", "/replicas").json()}[fleet.b]["adapters"]):
+        assert time.monotonic() < deadline, "the gateway did not see the new residency"
+        time.sleep(0.1)
+    c = fleet.client(fleet.tenant("vers"))
+    assert fleet.admin("PUT", "/adapters/vers/bot",
+                       {"engine_name": "vers/bot@v1"}).status_code == 200
+    served = metric(fleet.b, "loraplane_requests_total", model="vers/bot@v1")
+    assert c.completions.create(model="vers/bot", prompt="hi", max_tokens=3).model == "vers/bot"
+    chunks = list(c.completions.create(model="vers/bot", prompt="hi", max_tokens=3, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert chunks and {ch.model for ch in chunks} == {"vers/bot"}
+    chat = c.chat.completions.create(model="vers/bot", max_tokens=3,
+                                     messages=[{"role": "user", "content": "hi"}])
+    assert chat.model == "vers/bot"
+    chat_chunks = list(c.chat.completions.create(
+        model="vers/bot", max_tokens=3, stream=True, messages=[{"role": "user", "content": "hi"}]))
+    assert {ch.model for ch in chat_chunks} == {"vers/bot"}
+    assert metric(fleet.b, "loraplane_requests_total", model="vers/bot@v1") - served == 4
+    assert "vers/bot" in {m.id for m in c.models.list()}
+    assert not any("@" in m.id for m in c.models.list())
+    # A new version: the next request goes out under the new name.
+    fleet.admin("PUT", "/adapters/vers/bot", {"engine_name": "vers/bot@v2"})
+    assert c.completions.create(model="vers/bot", prompt="hi", max_tokens=2).model == "vers/bot"
+    assert metric(fleet.b, "loraplane_requests_total", model="vers/bot@v2") == 1
+    # A sharing change through the admin API keeps the engine name.
+    fleet.admin("PUT", "/adapters/vers/bot", {"shared_with": ["beta"]})
+    assert fleet.admin("GET", "/adapters/vers/bot").json()["engine_name"] == "vers/bot@v2"
+    # An engine's error quotes the tenant's id, not the engine's name.
+    fleet.admin("PUT", "/adapters/vers/bot", {"engine_name": "vers/bot@gone"})
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="vers/bot", prompt="hi", max_tokens=2)
+    assert "@gone" not in e.value.response.text and "vers/bot" in e.value.response.text
+    assert fleet.admin("DELETE", "/adapters/vers/bot").status_code == 204

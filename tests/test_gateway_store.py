@@ -101,6 +101,29 @@ def test_adapter_access_rules(with_store: Callable) -> None:
     with_store(body)
 
 
+def test_admission_names_the_engine_model(with_store: Callable) -> None:
+    async def body(store: Store) -> None:
+        acme = await _tenant_with_key(store, "acme")
+        beta = await _tenant_with_key(store, "beta")
+        await store.put_adapter(Adapter(id="acme/bot", shared_with=["beta"],
+                                        engine_name="acme/bot@v1"))
+        await store.put_adapter(Adapter(id="acme/plain"))
+        got = await store.get_adapter("acme/bot")
+        assert got is not None and got.served_as == "acme/bot@v1"
+        assert [a.served_as for a in await store.list_adapters()] == ["acme/bot@v1",
+                                                                      "acme/plain"]
+        for key_hash in (acme, beta):
+            assert (await store.admit(key_hash, "acme/bot", 1, "r")).engine_name == "acme/bot@v1"
+        assert (await store.admit(acme, "acme/plain", 1, "r")).engine_name == "acme/plain"
+        assert (await store.admit(acme, None, 1, "r")).engine_name == ""
+        # A new version is a new record: the next admission already names it.
+        await store.put_adapter(Adapter(id="acme/bot", shared_with=["beta"],
+                                        engine_name="acme/bot@v2"))
+        assert (await store.admit(beta, "acme/bot", 1, "r")).engine_name == "acme/bot@v2"
+
+    with_store(body)
+
+
 def test_request_and_token_buckets(with_store: Callable) -> None:
     async def body(store: Store) -> None:
         h = await _tenant_with_key(store, "acme", Limits(requests_per_minute=3,

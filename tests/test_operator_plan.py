@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from typing import Any
 
 import jsonschema
@@ -13,6 +15,7 @@ import yaml
 
 from loraplane.engine.config import NAMED_SHAPES
 from loraplane.engine.errors import InvalidAdapterError
+from loraplane.gateway.schemas import Adapter
 from loraplane.operator.plan import (
     AgentInfo,
     build_conditions,
@@ -77,15 +80,22 @@ def test_conditions_by_stage() -> None:
 
 def test_record_for_the_gateway() -> None:
     s = spec(sharing={"sharedWith": ["t2", "t1"]})
-    nodes = [{"name": "n1", "state": "Loaded", "engines": ["http://e1"]},
-             {"name": "n2", "state": "Unavailable"}]
-    rec = build_record("t0", "bot", s, "abc123", nodes,
-                       {"rank": 8, "modules": ("q_proj",), "sizeBytes": 10}, "now")
-    assert rec == {"namespace": "t0", "name": "bot", "owner": "t0", "baseModel": "tiny",
-                   "version": "abc123", "engineName": "t0/bot@abc123", "public": False,
-                   "sharedWith": ["t1", "t2"], "rank": 8, "modules": ["q_proj"],
-                   "sizeBytes": 10, "nodes": [{"node": "n1", "engines": ["http://e1"]}],
-                   "updatedAt": "now"}
+    rec = build_record("t0", "bot", s, "abc123")
+    assert rec == Adapter(id="t0/bot", public=False, shared_with=["t1", "t2"],
+                          engine_name="t0/bot@abc123")
+    assert rec.served_as == "t0/bot@abc123"
+
+
+def test_operator_imports_without_torch_or_the_gateway_app() -> None:
+    """The operator image has no torch; it writes records through the gateway's store only."""
+    code = ("import sys, loraplane.operator.main, loraplane.operator.registry as r; "
+            "r.make_registry('redis://127.0.0.1:1/0'); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'fastapi'}), "
+            "'loraplane.gateway.main' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "False"]
 
 
 def _header(modules: tuple[str, ...], rank: int, dtype: str = "F32") -> bytes:

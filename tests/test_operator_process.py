@@ -1,5 +1,6 @@
 """The real operator process against kmock's Kubernetes emulator, moto's S3 server, a real node
-agent, a real CPU engine and a real redis-server, all on loopback.
+agent, a real CPU engine, a real redis-server and a real gateway, all on loopback: a Ready
+LoraAdapter in namespace team-a is served to tenant team-a through the gateway.
 
 One set of processes serves every scenario (they start in about 20 s on 2 cores); scenarios use
 different adapters and run in file order.
@@ -10,15 +11,18 @@ from __future__ import annotations
 import shutil
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jsonschema
+import openai
 import pytest
 
 from loraplane.engine.config import NAMED_SHAPES, ModelConfig
+from loraplane.gateway.schemas import Adapter
+from tests import gateway_procs
 from tests.operator_support import (
     Kube,
     Proc,
@@ -62,6 +66,8 @@ class Cluster:
     operator: Proc
     liveness: str
     folders: dict[str, Path]
+    gateway: str
+    keys: dict[str, str] = field(default_factory=dict)  # tenant -> gateway API key
 
     def spec(self, prefix: str, **extra: Any) -> dict[str, Any]:
         spec = {"baseModel": "tiny",
@@ -102,6 +108,20 @@ class Cluster:
         assert r.status_code == 200, r.text
         return dict(r.json())
 
+    def client(self, tenant: str) -> openai.OpenAI:
+        """An openai client of the gateway with a key of ``tenant`` (created on first use)."""
+        if tenant not in self.keys:
+            admin = {"Authorization": f"Bearer {gateway_procs.ADMIN_TOKEN}"}
+            r = httpx.post(f"{self.gateway}/admin/v1/tenants", json={"name": tenant},
+                           headers=admin, timeout=10)
+            assert r.status_code == 201, r.text
+            r = httpx.post(f"{self.gateway}/admin/v1/tenants/{tenant}/keys", json={},
+                           headers=admin, timeout=10)
+            assert r.status_code == 201, r.text
+            self.keys[tenant] = r.json()["key"]
+        return openai.OpenAI(base_url=f"{self.gateway}/v1", api_key=self.keys[tenant],
+                             max_retries=0, timeout=60)
+
     def folders_on_disk(self, name: str) -> list[Path]:
         return [p for p in (self.cache / NS / name).glob("*") if p.is_dir()] \
             if (self.cache / NS / name).exists() else []
@@ -129,6 +149,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                "gone": _adapter(tmp, "gone", seed=4), "restart": _adapter(tmp, "restart", seed=5)}
     procs: list[Proc] = []
     mark = len(Proc.started)
+    gateway: gateway_procs.Proc | None = None
     try:
         s3, s3_direct = start_s3(logs)
         procs.append(s3)
@@ -145,9 +166,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         operator = start_operator(logs, kubecfg, [agent_url], redis_url=redis_url)
         procs.append(operator)
         liveness = next(a for a in operator.argv if a.startswith("http://") and "healthz" in a)
+        gateway, gateway_url = gateway_procs.start_gateway(logs, "gateway", redis_url,
+                                                           [engine_url])
         c = Cluster(tmp, logs, cache, gate, gate.url, engine_url,
                     agent, agent_url, int(agent_url.rsplit(":", 1)[1]), redis_url,
-                    Kube(kube_url), operator, liveness, folders)
+                    Kube(kube_url), operator, liveness, folders, gateway_url)
         c.seed_s3()
         # Kopf lists, then watches; objects created before its watch would be replayed anyway,
         # but waiting for the liveness probe makes "the operator is up" explicit.
@@ -155,6 +178,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                  "the operator's liveness probe")
         yield c
     finally:
+        if gateway is not None:
+            gateway.stop()
         Proc.stop_since(mark)
         if any(p.name == "operator" for p in procs):
             print(procs[-1].tail(80))
@@ -180,14 +205,29 @@ def test_apply_ready_and_completion(cluster: Cluster) -> None:
     assert engine_name in cluster.served() and engine_name in cluster.cached()
     out = cluster.complete(engine_name)
     assert out["model"] == engine_name and out["choices"][0]["text"] is not None
-    record = record_of(cluster.redis_url, NS, "good")
-    assert record is not None
-    assert record["owner"] == NS and record["engineName"] == engine_name
-    assert record["sharedWith"] == ["team-b"] and record["public"] is False
-    assert record["nodes"] == [{"node": "node-a", "engines": [cluster.engine_url]}]
+    assert record_of(cluster.redis_url, NS, "good") == Adapter(
+        id=f"{NS}/good", public=False, shared_with=["team-b"], engine_name=engine_name)
     assert any(e.get("reason") == "Ready" for e in cluster.kube.events(NS))
     probe = httpx.get(cluster.liveness, timeout=5).json()
     assert probe["agents"] == 1
+
+
+def test_gateway_serves_the_ready_adapter_to_its_tenants(cluster: Cluster) -> None:
+    owner = cluster.client(NS)
+    out = owner.completions.create(model=f"{NS}/good", prompt="hello", max_tokens=4)
+    assert out.model == f"{NS}/good" and out.choices[0].text is not None
+    chunks = list(owner.chat.completions.create(
+        model=f"{NS}/good", max_tokens=4, stream=True,
+        messages=[{"role": "user", "content": "hello"}]))
+    assert chunks and {ch.model for ch in chunks} == {f"{NS}/good"}
+    assert f"{NS}/good" in {m.id for m in owner.models.list()}
+    shared = cluster.client("team-b")  # spec.sharing.sharedWith
+    assert shared.completions.create(model=f"{NS}/good", prompt="hi", max_tokens=2).choices
+    with pytest.raises(openai.NotFoundError) as e:
+        cluster.client("team-c").completions.create(model=f"{NS}/good", prompt="hi",
+                                                    max_tokens=2)
+    assert e.value.code == "model_not_found"
+    assert f"{NS}/good" not in {m.id for m in cluster.client("team-c").models.list()}
 
 
 @pytest.mark.parametrize("name, prefix, extra, reason, stage", [
@@ -288,7 +328,11 @@ def test_update_rolls_out_new_version(cluster: Cluster) -> None:
     assert new_name in cluster.served() and old_name not in cluster.cached()
     assert cluster.complete(new_name)["model"] == new_name
     record = record_of(cluster.redis_url, NS, "good")
-    assert record is not None and record["version"] == st["version"]
+    assert record is not None and record.engine_name == new_name
+    # The gateway forwards the same tenant-facing id under the new name at once (the old one
+    # is gone from the engine, so an answer proves it).
+    out = cluster.client(NS).completions.create(model=f"{NS}/good", prompt="hi", max_tokens=2)
+    assert out.model == f"{NS}/good"
 
 
 def test_delete_evicts_unloads_and_releases_finalizer(cluster: Cluster) -> None:
@@ -302,3 +346,5 @@ def test_delete_evicts_unloads_and_releases_finalizer(cluster: Cluster) -> None:
     assert not any(k.startswith(f"{NS}/good@") for k in cluster.cached())
     assert cluster.folders_on_disk("good") == []
     assert record_of(cluster.redis_url, NS, "good") is None
+    with pytest.raises(openai.NotFoundError):
+        cluster.client(NS).completions.create(model=f"{NS}/good", prompt="hi", max_tokens=2)

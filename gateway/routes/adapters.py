@@ -1,7 +1,7 @@
 """Admin API for the adapter registry: which adapters exist and who may use them.
 
 The owner is the tenant part of the id (``<tenant>/<adapter>``); the operator writes the same
-records when it reconciles ``LoraAdapter`` resources.
+records, through the same store, when a ``LoraAdapter`` is Ready.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from loraplane.gateway.schemas import (
     ADAPTER_NAME_PATTERN,
     TENANT_PATTERN,
     Adapter,
-    AdapterAccess,
+    AdapterRecord,
 )
 
 router = APIRouter(prefix="/admin/v1/adapters", dependencies=[AdminDep])
@@ -27,11 +27,14 @@ async def list_adapters(store: StoreDep) -> list[Adapter]:
 
 
 @router.put("/{tenant}/{name}")
-async def put_adapter(access: AdapterAccess, store: StoreDep,
+async def put_adapter(record: AdapterRecord, store: StoreDep,
                       tenant: str = Path(pattern=TENANT_PATTERN),
                       name: str = Path(pattern=ADAPTER_NAME_PATTERN)) -> Adapter:
-    """Register an adapter (or replace its sharing)."""
-    adapter = Adapter(id=f"{tenant}/{name}", **access.model_dump())
+    """Register an adapter or replace its sharing (and its engine name, if given)."""
+    adapter = Adapter(id=f"{tenant}/{name}", **record.model_dump())
+    if adapter.engine_name is None:  # a sharing change keeps the operator's engine name
+        old = await store.get_adapter(adapter.id)
+        adapter.engine_name = old.engine_name if old else None
     await store.put_adapter(adapter)
     return adapter
 

@@ -116,15 +116,17 @@ class MemoryStore(Store):
         tenant = await self.authenticate(key_hash)
         if tenant is None:
             return Admission(Outcome.UNAUTHORIZED)
+        engine_name = ""
         if adapter is not None:
             record = self._adapters.get(adapter)
             if record is None or not may_use(tenant, record):
                 return Admission(Outcome.NOT_FOUND, tenant)
+            engine_name = record.served_as
         state = self._tenants[tenant]
         limits = state.tenant.limits
         now = time.monotonic() * 1000
         a = Admission(Outcome.OK, tenant, limit_requests=limits.requests_per_minute,
-                      limit_tokens=limits.tokens_per_minute)
+                      limit_tokens=limits.tokens_per_minute, engine_name=engine_name)
         retry = 0.0
         if limits.requests_per_minute:
             cap = limits.requests_per_minute

@@ -2,8 +2,10 @@
 
 Keys (all under ``lp:``): ``tenants`` (set), ``tenant:{t}`` (hash: created, rpm, tpm, conc),
 ``keys:{t}`` (hash: key id -> JSON), ``keyhash`` (hash: key hash -> "tenant key-id"),
-``adapters`` (hash: id -> JSON access), ``rl:req:{t}`` / ``rl:tok:{t}`` (token buckets: level,
-ts), ``conc:{t}`` (sorted set: request id by lease end), ``usage:{t}`` (hash: "model\\tfield").
+``adapters`` (hash: id -> JSON ``{"public", "shared_with", "engine_name"}``, see
+schemas.AdapterRecord; the operator writes these through this class), ``rl:req:{t}`` /
+``rl:tok:{t}`` (token buckets: level, ts), ``conc:{t}`` (sorted set: request id by lease end),
+``usage:{t}`` (hash: "model\\tfield").
 Times come from Redis's clock, so gateway replicas need not agree on theirs. The scripts name
 keys they derive from the tenant, so this layout needs one Redis (or a primary with replicas),
 not Redis Cluster.
@@ -19,7 +21,7 @@ import redis.asyncio as aioredis
 
 from loraplane.gateway.keys import new_key_id
 from loraplane.gateway.limits import Admission, Outcome, Settlement
-from loraplane.gateway.schemas import Adapter, AdapterAccess, KeyInfo, Limits, Tenant, Usage
+from loraplane.gateway.schemas import Adapter, AdapterRecord, KeyInfo, Limits, Tenant, Usage
 from loraplane.gateway.store.base import Store
 
 P = "lp:"
@@ -27,24 +29,28 @@ _LIMIT_FIELDS = (("rpm", "requests_per_minute"), ("tpm", "tokens_per_minute"),
                  ("conc", "max_concurrent_requests"))
 
 # ARGV: key hash, adapter id ("" for the base model), tokens to reserve, request id, lease ms.
-# Returns {outcome, tenant, reason, retry ms, rpm, requests left, tpm, tokens left} as strings.
+# Returns {outcome, tenant, reason, retry ms, rpm, requests left, tpm, tokens left, engine name}
+# as strings; the engine name is the adapter's engine_name, else its id ("" for the base model).
 ADMIT = """
 local P = 'lp:'
 local ref = redis.call('HGET', P .. 'keyhash', ARGV[1])
 if not ref then return {'unauthorized'} end
 local tenant = string.match(ref, '^(%S+)')
 local adapter = ARGV[2]
+local served = ''
 if adapter ~= '' then
   local raw = redis.call('HGET', P .. 'adapters', adapter)
   if not raw then return {'not_found', tenant} end
+  local a = cjson.decode(raw)
   if string.match(adapter, '^([^/]+)/') ~= tenant then
-    local a = cjson.decode(raw)
     local ok = a.public == true
     if not ok and type(a.shared_with) == 'table' then
       for _, t in ipairs(a.shared_with) do if t == tenant then ok = true end end
     end
     if not ok then return {'not_found', tenant} end
   end
+  served = adapter
+  if type(a.engine_name) == 'string' and a.engine_name ~= '' then served = a.engine_name end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -99,7 +105,7 @@ if reason == '' then
   end
 end
 return {outcome, tenant, reason, tostring(retry), lim[1] or '', tostring(rlev), lim[2] or '',
-        tostring(tlev)}
+        tostring(tlev), served}
 """
 
 # ARGV: tenant, request id, model, reserved tokens, prompt tokens, completion tokens, metered.
@@ -133,9 +139,12 @@ def _num(value: str) -> int | None:
 class RedisStore(Store):
     """State shared by every gateway replica, in one Redis."""
 
-    def __init__(self, url: str, concurrency_lease_s: float = 600.0) -> None:
+    def __init__(self, url: str, concurrency_lease_s: float = 600.0,
+                 timeout_s: float | None = None) -> None:
         # Any: answers are str (decode_responses), which redis-py's annotations cannot express.
-        self._redis: Any = aioredis.from_url(url, decode_responses=True)
+        self._redis: Any = aioredis.from_url(url, decode_responses=True,
+                                             socket_connect_timeout=timeout_s,
+                                             socket_timeout=timeout_s)
         self._admit = self._redis.register_script(ADMIT)
         self._settle = self._redis.register_script(SETTLE)
         self._lease_ms = int(concurrency_lease_s * 1000)
@@ -226,8 +235,9 @@ class RedisStore(Store):
         return ref.split(" ", 1)[0] if ref else None
 
     async def put_adapter(self, adapter: Adapter) -> None:
-        access = AdapterAccess(public=adapter.public, shared_with=adapter.shared_with)
-        await self._redis.hset(P + "adapters", adapter.id, access.model_dump_json())
+        record = AdapterRecord(**adapter.model_dump(exclude={"id"}))
+        await self._redis.hset(P + "adapters", adapter.id,
+                               record.model_dump_json(exclude_none=True))
 
     async def get_adapter(self, adapter_id: str) -> Adapter | None:
         raw = await self._redis.hget(P + "adapters", adapter_id)
@@ -248,7 +258,8 @@ class RedisStore(Store):
             return Admission(outcome, r[1] if len(r) > 1 else "")
         return Admission(outcome, r[1], reason=r[2], retry_after_s=float(r[3]) / 1000,
                          limit_requests=_num(r[4]), remaining_requests=float(r[5]),
-                         limit_tokens=_num(r[6]), remaining_tokens=float(r[7]))
+                         limit_tokens=_num(r[6]), remaining_tokens=float(r[7]),
+                         engine_name=r[8])
 
     async def settle(self, done: list[Settlement]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:

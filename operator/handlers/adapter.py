@@ -182,7 +182,14 @@ async def reconcile(ctx: OperatorContext, *, namespace: str, name: str, spec: di
                **fields)
         raise kopf.TemporaryError(message, delay=delay)
 
-    # 3. Ready: retire other versions and nodes no longer chosen, then publish the record.
+    # 3. Ready: publish the record first (the gateway then forwards under this version's name),
+    # then retire other versions and nodes no longer chosen.
+    try:
+        await ctx.registry.put(build_record(namespace, name, parsed, version))
+    except RegistryUnavailable as e:
+        delay = ctx.backoff(retry)
+        st.set("Fetching", "Ready", None, "RegistryUnavailable", str(e), **fields)
+        raise kopf.TemporaryError(str(e), delay=delay) from None
     chosen_nodes = {a.node for a in chosen}
     for agent in agents:
         old = previous_nodes.get(agent.node)
@@ -190,15 +197,6 @@ async def reconcile(ctx: OperatorContext, *, namespace: str, name: str, spec: di
             await _evict_everywhere(ctx, [agent], namespace, name, None)
         elif old is not None and old.get("version") not in (None, version):
             await _evict_everywhere(ctx, [agent], namespace, name, old["version"])
-    record = build_record(namespace, name, parsed, version, nodes,
-                          {"rank": facts.rank, "modules": facts.modules,
-                           "sizeBytes": facts.size_bytes}, _now())
-    try:
-        await ctx.registry.put(record)
-    except RegistryUnavailable as e:
-        delay = ctx.backoff(retry)
-        st.set("Fetching", "Ready", None, "RegistryUnavailable", str(e), **fields)
-        raise kopf.TemporaryError(str(e), delay=delay) from None
     message = f"version {version} loaded on {len(ready)}/{want} node(s)"
     st.set("Ready", "Ready", True, "Loaded", message, **fields)
     if status.get("phase") != "Ready" or status.get("version") != version:
@@ -207,9 +205,14 @@ async def reconcile(ctx: OperatorContext, *, namespace: str, name: str, spec: di
 
 async def delete(ctx: OperatorContext, *, namespace: str, name: str, status: dict[str, Any],
                  body: Any, patch: kopf.Patch, retry: int, logger: Any) -> None:
-    """Unregister and evict every version from every agent, drop the record; then the
-    finalizer goes. Nodes listed in status that do not answer are waited for a while."""
+    """Drop the record (the gateway stops admitting requests for it), then unregister and evict
+    every version from every agent; then the finalizer goes. Nodes listed in status that do not
+    answer are waited for a while."""
     patch.status["phase"] = "Terminating"
+    try:
+        await ctx.registry.remove(f"{namespace}/{name}")
+    except RegistryUnavailable as e:
+        raise kopf.TemporaryError(str(e), delay=ctx.backoff(retry)) from None
     ctx.agents.forget()
     agents = await ctx.agents.discover()
     stuck = await _evict_everywhere(ctx, agents, namespace, name, None)
@@ -221,8 +224,4 @@ async def delete(ctx: OperatorContext, *, namespace: str, name: str, status: dic
     if stuck:
         kopf.warn(body, reason="EvictionIncomplete",
                   message=f"gave up waiting for nodes {sorted(set(stuck))}")
-    try:
-        await ctx.registry.remove(namespace, name)
-    except RegistryUnavailable as e:
-        raise kopf.TemporaryError(str(e), delay=ctx.backoff(retry)) from None
     logger.info("evicted %s/%s from %d node(s)", namespace, name, len(agents))
