@@ -134,6 +134,23 @@ class AgentDirectory:
             self.forget()
             raise AgentUnavailable(agent.node, "AgentUnavailable", repr(e)) from None
 
+    async def held(self, agent: AgentInfo, namespace: str, name: str, version: str) -> str:
+        """Whether one agent still holds a version: "Loaded" (cached, every engine serves it)
+        or "Lost"; raises AgentUnavailable when it does not answer."""
+        url = f"{agent.url}/v1/adapters/{namespace}/{name}/{version}"
+        try:
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                if r.status == 404:
+                    return "Lost"
+                data = await r.json(content_type=None)
+                status = r.status
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            self.forget()
+            raise AgentUnavailable(agent.node, "AgentUnavailable", repr(e)) from None
+        if status != 200 or not isinstance(data, dict):
+            raise AgentUnavailable(agent.node, "AgentError", f"HTTP {status}: {data}")
+        return "Lost" if data.get("missingEngines") else "Loaded"
+
     async def cached(self, agent: AgentInfo) -> list[dict[str, Any]]:
         """What one agent holds now."""
         try:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import random
 
 from loraplane.engine.config import NAMED_SHAPES
 
@@ -37,6 +38,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="watch only this namespace (repeatable; default: all namespaces)")
     p.add_argument("--peering", default=None,
                    help="Kopf peering object shared by replicas (default: Kopf's, if present)")
+    p.add_argument("--priority", type=int, default=None,
+                   help="peering priority: the live replica with the highest one works, the "
+                        "others wait (default: random, as Kopf pauses every replica when two "
+                        "share the highest priority)")
+    p.add_argument("--peering-lifetime", type=int, default=60, metavar="S",
+                   help="seconds after a replica's last keep-alive that its peers take over")
+    p.add_argument("--recheck-interval", type=float, default=60.0, metavar="S",
+                   help="how often to ask the nodes of a Ready adapter whether they still hold "
+                        "it (and put it back where lost)")
     p.add_argument("--standalone", action="store_true", help="no peering")
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                    help="liveness probe endpoint ('' to disable)")
@@ -48,18 +58,20 @@ def run(args: argparse.Namespace) -> int:
     """Run Kopf with our handlers until interrupted."""
     import kopf
 
-    from loraplane.operator import main  # noqa: F401  (registers the handlers)
+    from loraplane.operator import main  # registers the handlers
     from loraplane.operator.handlers.startup import Options
 
     opts = Options(base_model=args.base_model, served_model_name=args.served_model_name,
                    agent_urls=tuple(args.agent), agent_service=args.agent_service,
                    redis_url=args.redis_url, max_rank=args.max_lora_rank,
                    max_bytes=args.max_adapter_bytes, retry_base=args.retry_base,
-                   retry_cap=args.retry_cap)
-    logging.getLogger().handlers.clear()  # Kopf's own formatter names the object in each line
-    kopf.configure(verbose=args.log_level == "debug")
+                   retry_cap=args.retry_cap, peering_lifetime=args.peering_lifetime)
+    main.register_recheck(args.recheck_interval)
+    priority = args.priority if args.priority is not None else random.randint(1, 1 << 30)
+    logging.getLogger().handlers.clear()
+    kopf.configure(verbose=args.log_level == "debug", log_prefix=True)  # "[ns/name] ..." lines
     asyncio.run(kopf.operator(
         clusterwide=not args.namespace, namespaces=args.namespace,
-        standalone=args.standalone or None, peering_name=args.peering,
+        standalone=args.standalone or None, peering_name=args.peering, priority=priority,
         liveness_endpoint=args.liveness or None, memo=kopf.Memo(options=opts)))
     return 0

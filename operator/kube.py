@@ -1,12 +1,18 @@
-"""A tiny Kubernetes client for what Kopf does not do for us: reading S3 credential Secrets."""
+"""A tiny Kubernetes client for what Kopf does not do for us: reading S3 credential Secrets and
+writing a LoraAdapter's status while a handler still runs (Kopf applies its patch only after)."""
 
 from __future__ import annotations
 
 import base64
+import logging
 import ssl
 from typing import Any
 
 import aiohttp
+
+from loraplane.operator.spec import GROUP, PLURAL, VERSION
+
+log = logging.getLogger("loraplane.operator.kube")
 
 
 class SecretError(Exception):
@@ -29,8 +35,8 @@ def _ssl_context(conn: Any) -> ssl.SSLContext | bool:
     return ctx
 
 
-class SecretReader:
-    """GET /api/v1/namespaces/<ns>/secrets/<name> with the operator's own credentials."""
+class KubeClient:
+    """Secrets and LoraAdapter status over the API, with the operator's own credentials."""
 
     def __init__(self, conn: Any) -> None:  # a kopf.ConnectionInfo
         self._conn = conn
@@ -80,3 +86,22 @@ class SecretReader:
             raise SecretError(f"secret {namespace}/{name} lacks accessKeyId/secretAccessKey",
                               transient=False)
         return key_id, secret
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        """Merge-patch a LoraAdapter's status now; False (logged) when the API refused it.
+
+        For progress a person should see during a long handler: Kopf's own patch, applied when
+        the handler returns, still writes the outcome.
+        """
+        path = f"apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+        try:
+            async with self._open().patch(
+                    path, json={"status": status},
+                    headers={"Content-Type": "application/merge-patch+json"}) as r:
+                if r.status == 200:
+                    return True
+                log.warning("status of %s/%s not written: HTTP %d %s", namespace, name,
+                            r.status, (await r.text())[:200])
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.warning("status of %s/%s not written: %r", namespace, name, e)
+        return False

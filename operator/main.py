@@ -1,4 +1,7 @@
-"""The Kopf wrappers: each `@kopf.on...` handler only unpacks Kopf's arguments and delegates."""
+"""The Kopf wrappers: each `@kopf.on...` handler only unpacks Kopf's arguments and delegates.
+
+The re-check timer is registered by register_recheck(), as its interval is a command-line flag.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import kopf
 
 from loraplane.operator.handlers import adapter, startup
 from loraplane.operator.handlers.context import OperatorContext
+from loraplane.operator.plan import plan_recheck_wanted
 from loraplane.operator.spec import GROUP, PLURAL, VERSION
 
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -57,3 +61,22 @@ async def delete(*, memo: Any, namespace: str | None, name: str, status: kopf.St
     """Evict everywhere, unregister, drop the record; the finalizer is released after."""
     await adapter.delete(memo.ctx, namespace=namespace or "", name=name, status=dict(status),
                          body=body, patch=patch, retry=retry, logger=logger)
+
+
+def _placed(status: kopf.Status, meta: kopf.Meta, **_: Any) -> bool:
+    return plan_recheck_wanted(dict(status), int(meta.get("generation") or 0))
+
+
+async def recheck(*, memo: Any, namespace: str | None, name: str, spec: kopf.Spec,
+                  status: kopf.Status, meta: kopf.Meta, body: kopf.Body, patch: kopf.Patch,
+                  logger: kopf.Logger, **_: Any) -> None:
+    """Still on the desired nodes? Put it back where lost; Ready reflects what nodes hold."""
+    await adapter.recheck(memo.ctx, namespace=namespace or "", name=name, spec=dict(spec),
+                          status=dict(status), generation=int(meta.get("generation") or 0),
+                          body=body, patch=patch, logger=logger)
+
+
+def register_recheck(interval: float) -> None:
+    """@kopf.timer on placed adapters every `interval` seconds (a flag, hence not at import)."""
+    kopf.timer(*RESOURCE, id="recheck", interval=interval, initial_delay=interval,
+               when=_placed)(recheck)

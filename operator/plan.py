@@ -11,6 +11,7 @@ from loraplane.gateway.schemas import Adapter
 from loraplane.operator.spec import LoraAdapterSpec
 
 CONDITION_TYPES = ("Verified", "Cached", "Loaded", "Ready")
+NODE_LOST = "NodeLost"  # status.reason while the re-check puts a lost version back
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,73 @@ def build_conditions(stage: str, ok: bool | None, reason: str, message: str, gen
             out.append(build_condition(t, None, "Waiting", f"waiting for {stage}", generation,
                                        now, previous))
     return out
+
+
+def plan_recheck_wanted(status: dict[str, Any], generation: int) -> bool:
+    """Whether the periodic re-check looks after this adapter: its current generation was placed
+    (Ready), or a re-check found it lost; not while a create/update/retry is under way."""
+    return (bool(status.get("version")) and status.get("observedGeneration") == generation
+            and (status.get("phase") == "Ready" or status.get("reason") == NODE_LOST))
+
+
+@dataclass(frozen=True)
+class Recheck:
+    """What a re-check found, and what to do about it."""
+
+    nodes: list[dict[str, Any]]  # status.nodes as they are now
+    repair: list[str]  # reachable nodes that lost the version: put it back there
+    ready_nodes: int
+    desired_nodes: int
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_nodes >= self.desired_nodes
+
+    @property
+    def message(self) -> str:
+        lost = [n["name"] for n in self.nodes if n.get("state") != "Loaded"]
+        return (f"version lost on node(s) {lost}: {self.ready_nodes}/{self.desired_nodes} "
+                f"hold it")
+
+    def after_repair(self, failed: dict[str, str]) -> Recheck:
+        """The state once the version was put back on every node in repair but those in
+        failed (node -> why)."""
+        nodes = []
+        for node in self.nodes:
+            if node["name"] in failed:
+                node = node | {"message": f"putting it back failed: {failed[node['name']]}"[:512]}
+            elif node["name"] in self.repair:
+                node = {k: v for k, v in node.items() if k != "message"} | {"state": "Loaded"}
+            nodes.append(node)
+        ready = self.ready_nodes + len(set(self.repair) - set(failed))
+        return Recheck(nodes, [], ready, self.desired_nodes)
+
+
+def plan_recheck(placed: list[dict[str, Any]], version: str, found: dict[str, str],
+                 desired: int) -> Recheck:
+    """Compare where status says the version is Loaded with what the agents report.
+
+    found maps node -> "Loaded" (cached and registered with every engine), "Lost" (the agent
+    answers but no longer has it, or an engine lacks it) or "Unavailable" (no answer); a node
+    missing from found counts as Unavailable. Nodes whose placement had failed are left as
+    they are.
+    """
+    nodes: list[dict[str, Any]] = []
+    repair: list[str] = []
+    for node in placed:
+        if node.get("version") != version or node.get("state") == "Failed":
+            nodes.append(node)
+            continue
+        state = found.get(node["name"], "Unavailable")
+        entry = {k: v for k, v in node.items() if k != "message"} | {"state": state}
+        if state == "Lost":
+            repair.append(node["name"])
+            entry["message"] = "no longer cached or registered on the node"
+        elif state == "Unavailable":
+            entry["message"] = "the node agent did not answer"
+        nodes.append(entry)
+    ready = sum(1 for n in nodes if n.get("state") == "Loaded" and n.get("version") == version)
+    return Recheck(nodes, repair, ready, desired)
 
 
 def build_record(namespace: str, name: str, spec: LoraAdapterSpec, version: str) -> Adapter:

@@ -11,7 +11,7 @@ objects itself because kmock 0.8 (see /work/shared/KUBERNETES-TESTING.md):
   Kubernetes requests never reach kmock's reaction matching and the history is trimmed.
 It validates nothing against the CRD schema: tests do that with jsonschema.
 
-Run as a process: python -m tests.kube_emulator --crd manifests/crd-loraadapter.yaml
+Run as a process: python tests/kube_emulator.py --crd manifests/crd-loraadapter.yaml
 --port-file F (writes the port when it listens; kubeconfig in --kubeconfig if given).
 """
 

@@ -26,6 +26,7 @@ from loraplane.gateway.schemas import Adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_FILE = ROOT / "manifests" / "crd-loraadapter.yaml"
+PEERING_FILE = ROOT / "manifests" / "peering.yaml"
 API = "/apis/loraplane.io/v1alpha1"
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
@@ -117,7 +118,10 @@ def start_emulator(log_dir: Path) -> tuple[Proc, str, Path]:
     port_file = log_dir / "emulator.port"
     kubecfg = log_dir / "kubeconfig"
     port_file.unlink(missing_ok=True)
-    proc = Proc("emulator", [sys.executable, "-m", "tests.kube_emulator", "--crd", str(CRD_FILE),
+    # By path, not `-m tests.kube_emulator`: under PYTHONSAFEPATH=1 (the Makefile's) the current
+    # folder is off sys.path, and the emulator imports nothing from tests/.
+    proc = Proc("emulator", [sys.executable, str(ROOT / "tests" / "kube_emulator.py"),
+                             "--crd", str(CRD_FILE), "--crd", str(PEERING_FILE),
                              "--port-file", str(port_file), "--kubeconfig", str(kubecfg)],
                 log_dir).start()
     port = wait_for(lambda: port_file.exists() and port_file.read_text(), 30, "the emulator")
@@ -153,10 +157,14 @@ def start_agent(log_dir: Path, cache_dir: Path, engines: list[str], node: str = 
 
 
 def start_operator(log_dir: Path, kubecfg: Path, agents: list[str], redis_url: str | None = None,
-                   name: str = "operator") -> Proc:
+                   name: str = "operator", peering: str | None = None, priority: int = 0
+                   ) -> Proc:
+    """Standalone, or a replica in Kopf peering `peering` (keep-alives expire after 3 s)."""
+    replica = (["--peering", peering, "--priority", str(priority), "--peering-lifetime", "3"]
+               if peering else ["--standalone"])
     argv = [sys.executable, "-m", "loraplane.cli", "operator", "--base-model", "tiny",
-            "--standalone", "--liveness", f"http://127.0.0.1:{free_port()}/healthz",
-            "--retry-base", "0.5", "--retry-cap", "4"]
+            *replica, "--liveness", f"http://127.0.0.1:{free_port()}/healthz",
+            "--retry-base", "0.5", "--retry-cap", "4", "--recheck-interval", "1"]
     for a in agents:
         argv += ["--agent", a]
     if redis_url:
@@ -180,10 +188,11 @@ def start_redis(log_dir: Path) -> tuple[Proc, str]:
 
 class TcpGate:
     """A loopback TCP forwarder that can be shut and reopened on the same port: "S3 is down"
-    without losing moto's in-memory objects."""
+    without losing moto's in-memory objects. hold(request bytes) -> seconds delays requests."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, hold: Callable[[bytes], float] | None = None) -> None:
         self.target_port = target_port
+        self.hold = hold
         self.port = free_port()
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
@@ -225,13 +234,16 @@ class TcpGate:
                 continue
             with self._lock:
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, hold in ((client, upstream, self.hold), (upstream, client, None)):
+                threading.Thread(target=self._pump, args=(a, b, hold), daemon=True).start()
 
     @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(src: socket.socket, dst: socket.socket,
+              hold: Callable[[bytes], float] | None) -> None:
         try:
             while data := src.recv(65536):
+                if hold is not None:
+                    time.sleep(hold(data))
                 dst.sendall(data)
         except OSError:
             pass
@@ -281,6 +293,18 @@ class Kube:
                "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
         r = self.http.post(f"/api/v1/namespaces/{namespace}/secrets", json=obj)
         assert r.status_code == 201, r.text
+
+    def create_peering(self, name: str) -> None:
+        """The ClusterKopfPeering object of manifests/peering.yaml."""
+        obj = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+               "metadata": {"name": name}}
+        r = self.http.post("/apis/kopf.dev/v1/clusterkopfpeerings", json=obj)
+        assert r.status_code == 201, r.text
+
+    def get_peering(self, name: str) -> dict[str, Any]:
+        r = self.http.get(f"/apis/kopf.dev/v1/clusterkopfpeerings/{name}")
+        r.raise_for_status()
+        return dict(r.json())
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         r = self.http.get(f"{API}/namespaces/{namespace}/loraadapters/{name}")

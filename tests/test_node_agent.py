@@ -1,5 +1,6 @@
 """The real node-agent process with moto's S3 server and a real CPU engine: put, list, evict,
-LRU eviction that also unregisters, refusals that leave nothing cached, restart recovery."""
+LRU eviction that also unregisters (and shows in the per-version GET), refusals that leave
+nothing cached, restart recovery."""
 
 from __future__ import annotations
 
@@ -133,6 +134,11 @@ def test_lru_eviction_unregisters_from_engines(node: Node) -> None:
     assert f"ns/b@{V1}" not in cached and {f"ns/a@{V1}", f"ns/c@{V1}"} <= set(cached)
     assert f"ns/b@{V1}" not in node.served()
     assert not (node.cache / "ns" / "b").exists()
+    # What the operator's re-check asks: b is gone, a is cached and its engine serves it.
+    gone = httpx.get(f"{node.agent_url}/v1/adapters/ns/b/{V1}", timeout=10)
+    assert gone.status_code == 404 and gone.json()["reason"] == "NotCached"
+    held = httpx.get(f"{node.agent_url}/v1/adapters/ns/a/{V1}", timeout=10).json()
+    assert held["engines"] == [node.engine_url] and held["missingEngines"] == []
 
 
 def test_evict_unregisters_and_deletes(node: Node) -> None:

@@ -22,6 +22,8 @@ from loraplane.operator.plan import (
     build_record,
     plan_backoff,
     plan_placement,
+    plan_recheck,
+    plan_recheck_wanted,
     plan_version,
 )
 from loraplane.operator.s3 import parse_uri
@@ -177,3 +179,48 @@ def test_crd_names_columns_and_rules() -> None:
     assert version["subresources"] == {"status": {}}
     text = json.dumps(version["schema"])
     assert text.count("x-kubernetes-validations") >= 3  # CEL: immutable base model, uri, sharing
+
+
+def placed(*nodes: tuple[str, str, str]) -> list[dict[str, Any]]:
+    return [{"name": n, "version": v, "state": s, "engines": ["http://e"]} for n, v, s in nodes]
+
+
+def test_recheck_wanted_only_for_a_placed_current_generation() -> None:
+    ready = {"phase": "Ready", "version": "v1", "observedGeneration": 2, "reason": "Loaded"}
+    assert plan_recheck_wanted(ready, 2)
+    assert not plan_recheck_wanted(ready, 3)  # an update is being rolled out
+    assert plan_recheck_wanted(ready | {"phase": "Fetching", "reason": "NodeLost"}, 2)
+    for busy in ("NotEnoughNodes", "AgentUnavailable", "Fetching"):  # reconcile's own retries
+        assert not plan_recheck_wanted(ready | {"phase": "Fetching", "reason": busy}, 2)
+    assert not plan_recheck_wanted(ready | {"phase": "Failed"}, 2)
+    assert not plan_recheck_wanted({"phase": "Ready", "observedGeneration": 2}, 2)
+
+
+def test_recheck_all_held_changes_nothing() -> None:
+    nodes = placed(("n1", "v1", "Loaded"), ("n2", "v1", "Loaded"))
+    check = plan_recheck(nodes, "v1", {"n1": "Loaded", "n2": "Loaded"}, desired=2)
+    assert check.ready and check.repair == [] and check.nodes == nodes
+    assert check.ready_nodes == 2
+
+
+def test_recheck_lost_and_unreachable_nodes() -> None:
+    nodes = placed(("n1", "v1", "Loaded"), ("n2", "v1", "Loaded"), ("n3", "v1", "Loaded"),
+                   ("n4", "v1", "Failed"), ("n5", "v0", "Loaded"))
+    check = plan_recheck(nodes, "v1", {"n1": "Loaded", "n2": "Lost"}, desired=3)
+    states = {n["name"]: n["state"] for n in check.nodes}
+    assert states == {"n1": "Loaded", "n2": "Lost", "n3": "Unavailable", "n4": "Failed",
+                      "n5": "Loaded"}  # failed placements and other versions left alone
+    assert check.repair == ["n2"] and check.ready_nodes == 1 and not check.ready
+    assert "n2" in check.message and "1/3" in check.message
+    done = check.after_repair({})
+    assert done.ready_nodes == 2 and not done.ready and done.repair == []
+    assert {n["name"]: n["state"] for n in done.nodes}["n2"] == "Loaded"
+    assert "message" not in done.nodes[1]
+    failed = check.after_repair({"n2": "S3 down"})
+    assert failed.ready_nodes == 1
+    assert failed.nodes[1]["state"] == "Lost" and "S3 down" in failed.nodes[1]["message"]
+
+
+def test_recheck_repaired_to_desired_is_ready() -> None:
+    check = plan_recheck(placed(("n1", "v1", "Loaded")), "v1", {"n1": "Lost"}, desired=1)
+    assert not check.ready and check.after_repair({}).ready

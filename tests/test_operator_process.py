@@ -3,13 +3,16 @@ agent, a real CPU engine, a real redis-server and a real gateway, all on loopbac
 LoraAdapter in namespace team-a is served to tenant team-a through the gateway.
 
 One set of processes serves every scenario (they start in about 20 s on 2 cores); scenarios use
-different adapters and run in file order.
+different adapters and run in file order. The last one replaces the standalone operator with two
+peered replicas.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +70,8 @@ class Cluster:
     liveness: str
     folders: dict[str, Path]
     gateway: str
+    slow_s3_url: str  # the same S3, with whole-file downloads of weights held for HOLD_S
+    kubecfg: Path
     keys: dict[str, str] = field(default_factory=dict)  # tenant -> gateway API key
 
     def spec(self, prefix: str, **extra: Any) -> dict[str, Any]:
@@ -127,6 +132,16 @@ class Cluster:
             if (self.cache / NS / name).exists() else []
 
 
+HOLD_S = 2.0
+
+
+def _hold_downloads(request: bytes) -> float:
+    """Delay an agent's GET of a whole weights file, not the verifier's HEAD or ranged GETs."""
+    line = request.split(b"\r\n", 1)[0]
+    whole = b"\r\nrange:" not in request.lower()
+    return HOLD_S if line.startswith(b"GET ") and b"safetensors" in line and whole else 0.0
+
+
 def _adapter(tmp: Path, name: str, cfg: ModelConfig = TINY, seed: int = 0, rank: int = 4
              ) -> Path:
     return write_lora_folder(tmp / name, cfg, rank, ("q_proj", "v_proj"), seed=seed)
@@ -146,7 +161,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     folders = {"good": _adapter(tmp, "good", seed=1), "good-v2": _adapter(tmp, "good-v2", seed=2),
                "other-shapes": _adapter(tmp, "other-shapes", cfg=other),
                "pickle-only": pickle_only, "late": _adapter(tmp, "late", seed=3),
-               "gone": _adapter(tmp, "gone", seed=4), "restart": _adapter(tmp, "restart", seed=5)}
+               "gone": _adapter(tmp, "gone", seed=4), "restart": _adapter(tmp, "restart", seed=5),
+               "lost": _adapter(tmp, "lost", seed=6), "slow": _adapter(tmp, "slow", seed=7),
+               "peer": _adapter(tmp, "peer", seed=8)}
     procs: list[Proc] = []
     mark = len(Proc.started)
     gateway: gateway_procs.Proc | None = None
@@ -155,6 +172,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         procs.append(s3)
         gate = TcpGate(int(s3_direct.rsplit(":", 1)[1]))
         gate.open()
+        slow_gate = TcpGate(gate.target_port, hold=_hold_downloads)
+        slow_gate.open()
         emulator, kube_url, kubecfg = start_emulator(logs)
         procs.append(emulator)
         redis, redis_url = start_redis(logs)
@@ -170,7 +189,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                                                            [engine_url])
         c = Cluster(tmp, logs, cache, gate, gate.url, engine_url,
                     agent, agent_url, int(agent_url.rsplit(":", 1)[1]), redis_url,
-                    Kube(kube_url), operator, liveness, folders, gateway_url)
+                    Kube(kube_url), operator, liveness, folders, gateway_url, slow_gate.url,
+                    kubecfg)
         c.seed_s3()
         # Kopf lists, then watches; objects created before its watch would be replayed anyway,
         # but waiting for the liveness probe makes "the operator is up" explicit.
@@ -280,6 +300,59 @@ def test_s3_down_then_back_retries_then_ready(cluster: Cluster) -> None:
     assert f"{NS}/late@{st['version']}" in cluster.served()
 
 
+def test_fetching_phase_visible_during_first_placement(cluster: Cluster) -> None:
+    spec = cluster.spec("slow")
+    spec["source"]["s3"]["endpoint"] = cluster.slow_s3_url  # the agent's download waits HOLD_S
+    cluster.kube.create(NS, "slow", spec)
+    seen: list[dict[str, Any]] = []
+
+    def fetching() -> dict[str, Any] | None:
+        st = ((cluster.kube.get(NS, "slow") or {}).get("status") or {})
+        seen.append(st)
+        return st if st.get("phase") == "Fetching" else None
+
+    st = wait_for(fetching, 10, "phase Fetching", every=0.05)
+    cond = {c["type"]: c for c in st["conditions"]}
+    assert cond["Verified"]["status"] == "True" and cond["Ready"]["status"] == "Unknown"
+    assert st["reason"] == "Fetching" and st["rank"] == 4 and st["version"]
+    assert not any(s.get("phase") == "Ready" for s in seen)
+    jsonschema.validate(cluster.kube.get(NS, "slow"), crd_schema())
+    st = cluster.kube.wait_phase(NS, "slow", "Ready", timeout=30)["status"]
+    assert st["readyNodes"] == 1 and st["reason"] == "Loaded"
+
+
+def test_recheck_puts_back_an_adapter_a_node_lost(cluster: Cluster) -> None:
+    cluster.kube.create(NS, "lost", cluster.spec("lost"))
+    st = cluster.kube.wait_phase(NS, "lost", "Ready")["status"]
+    engine_name = st["engineName"]
+    # The node loses it behind the operator's back (as an LRU eviction would), while S3 is
+    # down so that putting it back has to wait.
+    cluster.s3_gate.close()
+    r = httpx.delete(f"{cluster.agent_url}/v1/adapters/{NS}/lost", timeout=10)
+    assert r.status_code == 200 and r.json()["evicted"] == [st["version"]]
+    assert engine_name not in cluster.served()
+
+    def degraded() -> dict[str, Any] | None:
+        s = ((cluster.kube.get(NS, "lost") or {}).get("status") or {})
+        ready = {c["type"]: c for c in s.get("conditions", [])}.get("Ready", {})
+        return s if ready.get("status") == "False" and ready.get("reason") == "NodeLost" \
+            else None
+
+    try:
+        st = wait_for(degraded, 15, "Ready False with reason NodeLost")
+        assert st["readyNodes"] == 0 and st["nodes"][0]["state"] == "Lost", st
+        assert st["phase"] == "Fetching"
+        jsonschema.validate(cluster.kube.get(NS, "lost"), crd_schema())
+    finally:
+        cluster.s3_gate.open()
+    st = cluster.kube.wait_phase(NS, "lost", "Ready", timeout=30)["status"]
+    assert st["readyNodes"] == 1 and st["nodes"][0]["state"] == "Loaded"
+    assert {c["type"]: c["status"] for c in st["conditions"]}["Ready"] == "True"
+    assert engine_name in cluster.served() and engine_name in cluster.cached()
+    assert cluster.complete(engine_name)["model"] == engine_name
+    assert any(e.get("reason") == "NodeLost" for e in cluster.kube.events(NS))
+
+
 def _write_partial(cache: Path) -> Path:
     debris = cache / ".partial" / "deadbeef"
     debris.mkdir(parents=True, exist_ok=True)
@@ -348,3 +421,42 @@ def test_delete_evicts_unloads_and_releases_finalizer(cluster: Cluster) -> None:
     assert record_of(cluster.redis_url, NS, "good") is None
     with pytest.raises(openai.NotFoundError):
         cluster.client(NS).completions.create(model=f"{NS}/good", prompt="hi", max_tokens=2)
+
+
+def _handled(proc: Proc, name: str) -> int:
+    """How many times this operator process ran the reconcile handler for team-a/<name>."""
+    return sum(1 for line in proc.log.read_text(errors="replace").splitlines()
+               if f"[{NS}/{name}]" in line and "Handler 'reconcile' succeeded" in line)
+
+
+def test_two_peered_replicas_one_works_the_other_takes_over(cluster: Cluster) -> None:
+    cluster.operator.stop()
+    cluster.kube.create_peering("loraplane")
+    replicas = {}
+    for name, priority in (("replica-a", 20), ("replica-b", 10)):
+        proc = start_operator(cluster.logs, cluster.kubecfg, [cluster.agent_url],
+                              redis_url=cluster.redis_url, name=name, peering="loraplane",
+                              priority=priority)
+        probe = next(a for a in proc.argv if a.startswith("http://") and "healthz" in a)
+        wait_for(lambda probe=probe: httpx.get(probe, timeout=2).status_code == 200, 60,
+                 f"{name}'s liveness probe")
+        replicas[name] = proc
+    a, b = replicas["replica-a"], replicas["replica-b"]
+    # Kopf starts every replica paused; only the highest priority resumes.
+    wait_for(lambda: sorted(p["priority"] for p in
+                            cluster.kube.get_peering("loraplane").get("status", {}).values())
+             == [10, 20], 20, "both replicas' keep-alives in the peering object")
+    assert "Resuming operations after the pause" in a.log.read_text()
+    assert "Resuming operations" not in b.log.read_text()
+
+    cluster.kube.create(NS, "peer-1", cluster.spec("peer"))
+    cluster.kube.wait_phase(NS, "peer-1", "Ready")
+    time.sleep(1)  # room for a second handler run, were replica-b handling too
+    assert (_handled(a, "peer-1"), _handled(b, "peer-1")) == (1, 0)
+
+    a.stop(signal.SIGKILL)  # no goodbye: replica-b waits for a's keep-alive to expire (3 s)
+    cluster.kube.create(NS, "peer-2", cluster.spec("peer"))
+    st = cluster.kube.wait_phase(NS, "peer-2", "Ready", timeout=30)["status"]
+    assert "Resuming operations after the pause" in b.log.read_text()
+    assert (_handled(a, "peer-2"), _handled(b, "peer-2")) == (0, 1)
+    assert f"{NS}/peer-2@{st['version']}" in cluster.served()

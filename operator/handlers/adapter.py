@@ -19,11 +19,13 @@ from loraplane.operator.agents import AgentRejected
 from loraplane.operator.handlers.context import OperatorContext
 from loraplane.operator.kube import SecretError
 from loraplane.operator.plan import (
+    NODE_LOST,
     AgentInfo,
     build_conditions,
     build_engine_name,
     build_record,
     plan_placement,
+    plan_recheck,
     plan_version,
 )
 from loraplane.operator.registry import RegistryUnavailable
@@ -43,14 +45,25 @@ class _Status:
         self.previous = list(status.get("conditions") or [])
         self.generation = generation
 
+    def build(self, phase: str, stage: str, ok: bool | None, reason: str, message: str,
+              **fields: Any) -> dict[str, Any]:
+        return {"phase": phase, "reason": reason, "message": message[:1024],
+                "observedGeneration": self.generation,
+                "conditions": build_conditions(stage, ok, reason, message, self.generation,
+                                               _now(), self.previous),
+                **fields}
+
     def set(self, phase: str, stage: str, ok: bool | None, reason: str, message: str,
             **fields: Any) -> None:
-        self.patch.status.update({
-            "phase": phase, "reason": reason, "message": message[:1024],
-            "observedGeneration": self.generation,
-            "conditions": build_conditions(stage, ok, reason, message, self.generation,
-                                           _now(), self.previous),
-            **fields})
+        self.patch.status.update(self.build(phase, stage, ok, reason, message, **fields))
+
+    async def show(self, ctx: OperatorContext, namespace: str, name: str, phase: str,
+                   stage: str, ok: bool | None, reason: str, message: str,
+                   **fields: Any) -> None:
+        """Write this status through the API now, for a person to see while the handler runs."""
+        if ctx.kube is not None:
+            await ctx.kube.patch_status(namespace, name, self.build(
+                phase, stage, ok, reason, message, **fields))
 
 
 def _facts_fields(facts: AdapterFacts) -> dict[str, Any]:
@@ -63,11 +76,11 @@ async def _location(ctx: OperatorContext, namespace: str, spec: LoraAdapterSpec
     bucket, prefix = s3.parse_uri(src.uri)
     key_id = secret = None
     if src.credentials_secret_ref is not None:
-        if ctx.secrets is None:
+        if ctx.kube is None:
             raise SecretError("no Kubernetes client to read credentialsSecretRef",
                               transient=False)
-        key_id, secret = await ctx.secrets.s3_credentials(namespace,
-                                                          src.credentials_secret_ref.name)
+        key_id, secret = await ctx.kube.s3_credentials(namespace,
+                                                       src.credentials_secret_ref.name)
     return s3.S3Location(bucket, prefix, src.endpoint, src.region, key_id, secret)
 
 
@@ -139,6 +152,13 @@ async def reconcile(ctx: OperatorContext, *, namespace: str, name: str, spec: di
     current = {n for n, v in previous_nodes.items() if v.get("version") == version}
     chosen = plan_placement(agents, parsed, current, facts.size_bytes)
     want = parsed.placement.nodes
+    if status.get("version") != version or status.get("phase") not in ("Fetching", "Ready"):
+        # Kopf writes our patch only when the handler returns: show progress now (not on a
+        # resume of a Ready adapter, which would flap to Fetching and back).
+        await st.show(ctx, namespace, name, "Fetching", "Cached", None, "Fetching",
+                      f"fetching version {version} onto {len(chosen)} node(s)",
+                      version=version, engineName=engine_name, desiredNodes=want,
+                      **_facts_fields(facts))
     results = await asyncio.gather(
         *(ctx.agents.put(a, namespace, name, version, _agent_body(loc, parsed)) for a in chosen),
         return_exceptions=True)
@@ -201,6 +221,61 @@ async def reconcile(ctx: OperatorContext, *, namespace: str, name: str, spec: di
     st.set("Ready", "Ready", True, "Loaded", message, **fields)
     if status.get("phase") != "Ready" or status.get("version") != version:
         kopf.event(body, type="Normal", reason="Ready", message=message)
+
+
+async def recheck(ctx: OperatorContext, *, namespace: str, name: str, spec: dict[str, Any],
+                  status: dict[str, Any], generation: int, body: Any, patch: kopf.Patch,
+                  logger: Any) -> None:
+    """Ask the nodes of a placed adapter whether they still hold its version (an agent's LRU
+    eviction or a restart without cache loses it); put it back where lost, report in status."""
+    st = _Status(patch, status, generation)
+    version = str(status["version"])
+    parsed = LoraAdapterSpec.model_validate(dict(spec))
+    agents = {a.node: a for a in await ctx.agents.discover()}
+    placed = list(status.get("nodes") or [])
+    asked = [agents[n["name"]] for n in placed
+             if n.get("name") in agents and n.get("version") == version]
+    answers = await asyncio.gather(*(ctx.agents.held(a, namespace, name, version)
+                                     for a in asked), return_exceptions=True)
+    found = {a.node: r for a, r in zip(asked, answers, strict=True) if isinstance(r, str)}
+    check = plan_recheck(placed, version, found, parsed.placement.nodes)
+    was_ready = status.get("phase") == "Ready"
+    if check.ready and not check.repair:
+        if not was_ready or check.nodes != placed:
+            message = f"version {version} loaded on {check.ready_nodes}/" \
+                      f"{check.desired_nodes} node(s)"
+            st.set("Ready", "Ready", True, "Loaded", message, nodes=check.nodes,
+                   readyNodes=check.ready_nodes)
+        return
+    if was_ready:  # a re-check that found it lost already shows so
+        logger.warning("%s", check.message)
+        kopf.warn(body, reason=NODE_LOST, message=check.message)
+        await st.show(ctx, namespace, name, "Fetching", "Loaded", False, NODE_LOST,
+                      check.message, nodes=check.nodes, readyNodes=check.ready_nodes)
+
+    # Put it back on the reachable nodes that lost it (the agent fetches from S3 again).
+    try:
+        loc = await _location(ctx, namespace, parsed)
+    except SecretError as e:
+        st.set("Fetching", "Loaded", False, NODE_LOST, f"{check.message}; {e}",
+               nodes=check.nodes, readyNodes=check.ready_nodes)
+        return
+    results = await asyncio.gather(
+        *(ctx.agents.put(agents[n], namespace, name, version, _agent_body(loc, parsed))
+          for n in check.repair), return_exceptions=True)
+    failed = {n: str(getattr(r, "message", r)) for n, r in
+              zip(check.repair, results, strict=True) if isinstance(r, BaseException)}
+    done = check.after_repair(failed)
+    if done.ready:
+        message = f"version {version} put back; loaded on {done.ready_nodes}/" \
+                  f"{done.desired_nodes} node(s)"
+        st.set("Ready", "Ready", True, "Loaded", message, nodes=done.nodes,
+               readyNodes=done.ready_nodes)
+        kopf.event(body, type="Normal", reason="Ready", message=message)
+    else:
+        st.set("Fetching", "Loaded", False, NODE_LOST,
+               f"{done.message}; retrying at the next re-check", nodes=done.nodes,
+               readyNodes=done.ready_nodes)
 
 
 async def delete(ctx: OperatorContext, *, namespace: str, name: str, status: dict[str, Any],

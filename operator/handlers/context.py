@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from loraplane.engine.config import ModelConfig
 from loraplane.operator.agents import AgentDirectory
-from loraplane.operator.kube import SecretReader
+from loraplane.operator.kube import KubeClient
 from loraplane.operator.registry import Registry
 
 
@@ -23,7 +23,7 @@ class OperatorContext:
     retry_base: float = 1.0
     retry_cap: float = 60.0
     delete_retries: int = 10
-    secrets: SecretReader | None = None
+    kube: KubeClient | None = None
     counters: dict[str, int] = field(default_factory=dict)
 
     def backoff(self, retry: int) -> float:

@@ -11,7 +11,7 @@ import kopf
 from loraplane.engine.config import NAMED_SHAPES
 from loraplane.operator.agents import AgentDirectory
 from loraplane.operator.handlers.context import OperatorContext
-from loraplane.operator.kube import SecretReader
+from loraplane.operator.kube import KubeClient
 from loraplane.operator.registry import make_registry
 
 log = logging.getLogger("loraplane.operator")
@@ -30,6 +30,7 @@ class Options:
     max_bytes: int
     retry_base: float
     retry_cap: float
+    peering_lifetime: int = 60
 
 
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
@@ -41,13 +42,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
         prefix="loraplane.io", key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # our own Ready/failure events, not handler chatter
     settings.networking.request_timeout = 60
+    # A replica killed without saying goodbye blocks its peers this long.
+    settings.peering.lifetime = opts.peering_lifetime
     model = NAMED_SHAPES[opts.base_model]
     memo.ctx = OperatorContext(
         model=model, served_model_name=opts.served_model_name or model.name,
         agents=AgentDirectory(list(opts.agent_urls), opts.agent_service),
         registry=make_registry(opts.redis_url), max_rank=opts.max_rank,
         max_bytes=opts.max_bytes, retry_base=opts.retry_base, retry_cap=opts.retry_cap,
-        secrets=SecretReader(memo.conn) if getattr(memo, "conn", None) else None)
+        kube=KubeClient(memo.conn) if getattr(memo, "conn", None) else None)
     if not opts.redis_url:
         log.info("no --redis-url: adapter records for the gateway are not written")
     if not opts.agent_urls and not opts.agent_service:
@@ -60,7 +63,7 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     memo.conn = conn
     ctx: OperatorContext | None = getattr(memo, "ctx", None)
     if ctx is not None and conn is not None:
-        ctx.secrets = SecretReader(conn)
+        ctx.kube = KubeClient(conn)
     return conn
 
 
@@ -70,5 +73,5 @@ async def cleanup(memo: kopf.Memo) -> None:
         return
     await ctx.agents.close()
     await ctx.registry.close()
-    if ctx.secrets is not None:
-        await ctx.secrets.close()
+    if ctx.kube is not None:
+        await ctx.kube.close()

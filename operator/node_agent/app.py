@@ -174,6 +174,22 @@ class NodeAgent:
                 raise Rejected("InvalidAdapter", str(e)) from None
             return _entry_json(entry, [e.url for e in self.engines])
 
+    async def check(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
+        """One cached version and the engines that serve it now (None when not cached)."""
+        entry = self.cache.get(key)
+        if entry is None:
+            return None
+        name = build_engine_name(*key)
+        serving: list[str] = []
+        missing: list[str] = []
+        for engine in self.engines:
+            try:
+                _, present = await engine.models()
+            except EngineUnavailable:
+                present = []
+            (serving if name in present else missing).append(engine.url)
+        return _entry_json(entry, serving) | {"missingEngines": missing}
+
     async def _unload(self, entry: Entry) -> None:
         name = build_engine_name(*entry.key)
         for engine in self.engines:
@@ -207,6 +223,19 @@ async def _list(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
     urls = [e.url for e in agent.engines]
     return web.json_response({"adapters": [_entry_json(e, urls) for e in agent.cache.entries()]})
+
+
+async def _get(request: web.Request) -> web.Response:
+    """GET /v1/adapters/{namespace}/{name}/{version}: cached? and which engines serve it now."""
+    m = request.match_info
+    try:
+        key = check_key(m["namespace"], m["name"], m["version"])
+    except ValueError as e:
+        return _error(400, "BadRequest", str(e))
+    found = await request.app[AGENT].check(key)
+    if found is None:
+        return _error(404, "NotCached", f"{'/'.join(key)} is not cached on this node")
+    return web.json_response(found)
 
 
 async def _put(request: web.Request) -> web.Response:
@@ -250,6 +279,7 @@ def build_app(agent: NodeAgent, resync_seconds: float) -> web.Application:
     app.router.add_get("/healthz", _health)
     app.router.add_get("/v1/info", _info)
     app.router.add_get("/v1/adapters", _list)
+    app.router.add_get("/v1/adapters/{namespace}/{name}/{version}", _get)
     app.router.add_put("/v1/adapters/{namespace}/{name}/{version}", _put)
     app.router.add_delete("/v1/adapters/{namespace}/{name}", _delete)
 
