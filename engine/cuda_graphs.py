@@ -54,12 +54,12 @@ class DecodeGraphs:
         # Padding rows write their K/V here; the page is owned for the engine's life.
         self.scratch_slot = pool.pages.allocate(1, KV)[0] * self.block_size
         self.mempool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, bool], _Graph] = {}
+        self.graphs: dict[tuple[int, int], _Graph] = {}  # (rows, rank cap; 0: no LoRA)
 
     def bucket(self, rows: int) -> int | None:
         return next((b for b in self.buckets if b >= rows), None)
 
-    def _capture(self, rows: int, with_lora: bool) -> _Graph:
+    def _capture(self, rows: int, rank_cap: int) -> _Graph:
         dev = self.pool.data.device
         ids = torch.zeros(rows, dtype=torch.int64, device=dev)
         positions = torch.zeros(rows, dtype=torch.int64, device=dev)
@@ -74,8 +74,8 @@ class DecodeGraphs:
             max_query_len=0, block_size=self.block_size)
         static = None
         op = self.lora.op
-        if with_lora:
-            static = op.static_meta(rows, self.max_rank,  # type: ignore[attr-defined]
+        if rank_cap:
+            static = op.static_meta(rows, rank_cap,  # type: ignore[attr-defined]
                                     self.chunks_per_rank)
             # A placeholder segment keeps the LoRA branch in the captured graph.
             self.lora.batch = LoraBatch([LoraSegment(0, 0, None)], static.meta)  # type: ignore[arg-type]
@@ -91,8 +91,7 @@ class DecodeGraphs:
                 logits = self.model.logits(self.model(ids, positions, self.pool, attn))
         finally:
             self.lora.batch = LoraBatch([])
-        log.info("captured a decode graph for %d rows (%s LoRA)", rows,
-                 "with" if with_lora else "without")
+        log.info("captured a decode graph for %d rows (LoRA rank cap %d)", rows, rank_cap)
         return _Graph(graph, ids, positions, attn, static, logits)
 
     def run(self, ids: list[int], positions: list[int], slices: list[SeqSlice],
@@ -102,12 +101,18 @@ class DecodeGraphs:
         b = self.bucket(rows)
         if b is None or any(len(s.block_table) > self.max_blocks for s in slices):
             return None
-        if segments and max(s.adapter.rank for s in segments) > self.max_rank:
-            return None
-        key = (b, bool(segments))
+        # One graph per bucket and rank class (16, 32, ..., max): the LoRA kernels' rank tiles
+        # and buffers fit the batch's largest rank instead of the engine's maximum.
+        rank_cap = 0
+        if segments:
+            top = max(s.adapter.rank for s in segments)
+            if top > self.max_rank:
+                return None
+            rank_cap = min(max(16, 1 << (top - 1).bit_length()), self.max_rank)
+        key = (b, rank_cap)
         g = self.graphs.get(key)
         if g is None:
-            g = self.graphs[key] = self._capture(b, bool(segments))
+            g = self.graphs[key] = self._capture(b, rank_cap)
         pad = b - rows
         tables = torch.zeros(b, self.max_blocks, dtype=torch.int32)
         for r, s in enumerate(slices):
