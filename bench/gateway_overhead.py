@@ -7,7 +7,8 @@ set (so every request runs the full admission script), then loads both with wrk:
 - 32 connections: requests/s direct and through the gateway.
 Everything runs on this machine, so the load generator competes with the gateway for cores, as
 in PERFORMANCE.md's reference table. Needs `wrk` and `redis-server` (apt-get install -y wrk
-redis-server). Writes bench/results/gateway-overhead-<date>.json.
+redis-server). Other work on the machine takes cores from all of them: the record keeps the load
+average before and after the runs. Writes bench/results/gateway-overhead-<date>T<HHMM>.json.
 
     python bench/gateway_overhead.py [--duration 10] [--connections 32]
 """
@@ -103,10 +104,14 @@ def machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(),
-            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+            "load_average_1_5_15": _load(),
             "python": platform.python_version(),
             "versions": {p: version(p) for p in ("fastapi", "uvicorn", "aiohttp", "redis",
                                                  "uvloop", "httptools")}}
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def main() -> None:
@@ -120,6 +125,8 @@ def main() -> None:
         return
     if shutil.which("wrk") is None:
         raise SystemExit("needs wrk: apt-get install -y wrk")
+    started = dt.datetime.now()
+    load_before = _load()  # before this benchmark's own processes add to it
     folder = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     procs: list[Proc] = []
     try:
@@ -161,8 +168,9 @@ def main() -> None:
     added = {p: round(lat["gateway"][p] - lat["direct"][p], 3)
              for p in ("p50_ms", "p99_ms") if p in lat["gateway"] and p in lat["direct"]}
     thr = results[f"throughput_{args.connections}_connections"]
-    record = {"benchmark": "gateway_overhead", "date": dt.date.today().isoformat(),
-              "machine": machine(),
+    record = {"benchmark": "gateway_overhead", "date": started.date().isoformat(),
+              "time": started.strftime("%H:%M"), "machine": machine(),
+              "load_average_1_5_15_before": load_before,
               "config": {"duration_s": args.duration, "connections": args.connections,
                          "load_generator": "wrk -t1 on the same machine",
                          "request": "POST /v1/completions, adapter model, limits set",
@@ -186,8 +194,9 @@ def main() -> None:
           f"(targets: <= 2 ms, >= 1000 req/s)")
     print(f"gateway CPU: {record['gateway_cpu_ms_per_request']} ms per request = "
           f"{record['gateway_requests_per_s_per_full_core']} req/s per full core "
-          f"(load average {record['machine']['load_average_1_5_15']})")
-    out = ROOT / "bench" / "results" / f"gateway-overhead-{record['date']}.json"
+          f"(load average {record['load_average_1_5_15_before']} before, "
+          f"{record['machine']['load_average_1_5_15']} after)")
+    out = ROOT / "bench" / "results" / f"gateway-overhead-{started:%Y-%m-%dT%H%M}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
 

@@ -1,4 +1,4 @@
-"""FastAPI dependencies: the app's store, fleet and proxy, the caller's tenant, admin checks.
+"""FastAPI dependencies: the app's store, fleet and metrics, the caller's tenant, admin checks.
 
 All are ``async def``: FastAPI runs plain ``def`` dependencies in a thread pool, which would cost
 a thread hand-off on every request.
@@ -14,7 +14,6 @@ from loraplane.gateway.errors import GatewayError, invalid_api_key
 from loraplane.gateway.fleet import Fleet
 from loraplane.gateway.keys import bearer, hash_key, same_hash
 from loraplane.gateway.metrics import GatewayMetrics
-from loraplane.gateway.proxy import Proxy
 from loraplane.gateway.store.base import Store
 
 
@@ -30,12 +29,6 @@ async def get_fleet(request: Request) -> Fleet:
     return fleet
 
 
-async def get_proxy(request: Request) -> Proxy:
-    """The admit-route-relay path."""
-    proxy: Proxy = request.app.state.proxy
-    return proxy
-
-
 async def get_metrics(request: Request) -> GatewayMetrics:
     """This process's Prometheus metrics."""
     metrics: GatewayMetrics = request.app.state.metrics
@@ -44,7 +37,6 @@ async def get_metrics(request: Request) -> GatewayMetrics:
 
 StoreDep = Annotated[Store, Depends(get_store)]
 FleetDep = Annotated[Fleet, Depends(get_fleet)]
-ProxyDep = Annotated[Proxy, Depends(get_proxy)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
 
 

@@ -53,6 +53,11 @@ def no_replica() -> GatewayError:
                         "shortly.", code="no_replica_available", type="server_error")
 
 
+def store_unavailable() -> GatewayError:
+    return GatewayError(503, "The gateway's store is unavailable; try again shortly.",
+                        code="store_unavailable")
+
+
 async def _gateway_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, GatewayError)
     return exc.response()

@@ -1,4 +1,5 @@
-"""``build_app(settings)``: the gateway's FastAPI app; ``run(settings)`` serves it."""
+"""``build_app(settings)``: the gateway's ASGI app (FastAPI behind the completion paths' lean
+handler); ``run(settings)`` serves it."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
+from starlette.types import Receive, Scope, Send
 
-from loraplane.engine.server.errors import error_response
 from loraplane.engine.server.middleware import BodySizeLimit
 from loraplane.gateway.discovery import KubernetesDiscovery
-from loraplane.gateway.errors import install_error_handlers
+from loraplane.gateway.errors import install_error_handlers, store_unavailable
 from loraplane.gateway.fleet import Fleet
 from loraplane.gateway.metrics import CountRequests, GatewayMetrics
 from loraplane.gateway.proxy import Proxy
-from loraplane.gateway.routes import adapters, completions, keys, models, ops, tenants
+from loraplane.gateway.routes import adapters, keys, models, ops, tenants
+from loraplane.gateway.routes.completions import PATHS as COMPLETION_PATHS
+from loraplane.gateway.routes.completions import Completions
 from loraplane.gateway.settings import Settings
 from loraplane.gateway.store.base import Store
 from loraplane.gateway.store.redis import RedisStore
@@ -26,7 +29,21 @@ from loraplane.gateway.store.redis import RedisStore
 logger = logging.getLogger(__name__)
 
 
-def build_app(settings: Settings, store: Store | None = None) -> FastAPI:
+class Gateway:
+    """The ASGI app: the completion paths go to their lean handler, the rest to FastAPI."""
+
+    def __init__(self, api: FastAPI, completions: Completions) -> None:
+        self.api = api
+        self.completions = completions
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in COMPLETION_PATHS:
+            await self.completions(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+
+def build_app(settings: Settings, store: Store | None = None) -> Gateway:
     """The gateway over ``store`` (default: Redis at ``settings.redis_url``)."""
     store = store or RedisStore(settings.redis_url, settings.concurrency_lease_s)
     discovery = None
@@ -52,21 +69,20 @@ def build_app(settings: Settings, store: Store | None = None) -> FastAPI:
 
     app = FastAPI(title="loraplane gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.store, app.state.fleet = settings, store, fleet
-    app.state.proxy, app.state.metrics = proxy, metrics
+    app.state.metrics = metrics
     app.state.admin_token = settings.admin_secret()
-    for module in (completions, models, tenants, keys, adapters, ops):
+    for module in (models, tenants, keys, adapters, ops):
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_exception_handler(RedisError, _store_down)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(CountRequests, metrics=metrics)
-    return app
+    return Gateway(app, Completions(proxy, metrics, settings.max_body_bytes))
 
 
 async def _store_down(request: Request, exc: Exception) -> JSONResponse:
     logger.error("store unavailable: %s", exc)
-    return error_response(503, "The gateway's store is unavailable; try again shortly.",
-                          code="store_unavailable")
+    return store_unavailable().response()
 
 
 def run(settings: Settings) -> None:

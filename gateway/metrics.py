@@ -74,9 +74,12 @@ class GatewayMetrics:
 
 
 class CountRequests:
-    """Count every HTTP answer by path and status (paths of the API only, so labels stay few)."""
+    """Count every HTTP answer by path and status (paths of the API only, so labels stay few).
 
-    PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
+    The completion paths bypass FastAPI; their handler counts its answers itself.
+    """
+
+    PATHS = frozenset({"/v1/models"})
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app = app

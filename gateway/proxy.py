@@ -6,27 +6,27 @@ answers come back with the tenant's own id (``acme/poet``) in their ``model`` fi
 
 Non-streaming answers are read whole from the engine before the client sees a byte, and streams
 up to their first event, so a replica that fails before then is retried on the next one in the
-router's order. A client that leaves closes the engine connection, which aborts the request
-there. Streams always ask the engine for a final usage event (dropped again if the client did not
-ask for it), so usage is metered from the engine's own counts.
+router's order, as is one that answers 503 or 404 ``model_not_found`` (it does not hold a version
+the operator just rolled out elsewhere, and the last residency poll did not show where). A client
+that leaves closes the engine connection, which aborts the request there. Streams always ask the
+engine for a final usage event (dropped again if the client did not ask for it), so usage is
+metered from the engine's own counts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import itertools
 import json
 import logging
-import uuid
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
 import anyio
-from fastapi import Request, Response
-from starlette.requests import ClientDisconnect
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from loraplane.engine.server.errors import error_body
@@ -40,9 +40,10 @@ from loraplane.gateway.errors import (
     no_replica,
 )
 from loraplane.gateway.fleet import Fleet, Replica
-from loraplane.gateway.keys import bearer, hash_key
+from loraplane.gateway.keys import hash_key
 from loraplane.gateway.limits import Admission, Outcome, Settlement, ratelimit_headers
 from loraplane.gateway.metrics import GatewayMetrics
+from loraplane.gateway.rename import rename_event, rename_json
 from loraplane.gateway.store.base import Store
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,17 @@ _LIMIT_MESSAGES = {
 }
 
 
+# Request ids name concurrency slots in the store, shared by gateway replicas: a random prefix
+# per process and a counter (uuid4 would cost a getrandom system call per request).
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count()
+
+
+def next_request_id() -> str:
+    """An id no other request of any gateway process has."""
+    return f"{_ID_PREFIX}-{next(_ID_COUNTER)}"
+
+
 @dataclass
 class Ticket:
     """One admitted request: the names of its model, and what to settle when it ends."""
@@ -75,21 +87,30 @@ class Ticket:
     prompt_estimate: int
     served_as: str = ""  # as engines know it, once admitted
 
-    def to_tenant(self, data: bytes, ok: bool = True) -> bytes:
-        """An engine's body or SSE event with the model named as the tenant named it.
+    def to_tenant(self, data: bytes, error: bool = False) -> tuple[bytes, Any]:
+        """An engine's JSON answer with the model named as the tenant named it; its JSON."""
+        return rename_json(data, self.served_as or self.model, self.model, error)
 
-        Answers carry the name as a compact ``"model":"..."`` field (the engine's JSON); an
-        error message may quote it anywhere.
-        """
-        if not self.served_as or self.served_as == self.model:
-            return data
-        if not ok:
-            return data.replace(self.served_as.encode(), self.model.encode())
-        return data.replace(_model_field(self.served_as), _model_field(self.model))
+    def event_to_tenant(self, event: bytes) -> tuple[bytes, Any]:
+        """One engine SSE event with the model named as the tenant named it; its data."""
+        return rename_event(event, self.served_as or self.model, self.model)
 
 
-def _model_field(name: str) -> bytes:
-    return b'"model":' + json.dumps(name).encode()
+def retry_elsewhere(status: int, data: bytes) -> bool:
+    """Whether an engine's answer says another replica may serve the request.
+
+    503: overloaded or dying. 404 ``model_not_found``: the replica does not hold the adapter
+    under this engine name (yet): a new version the operator just rolled out may sit on another
+    replica that the last residency poll did not show.
+    """
+    if status == 503:
+        return True
+    if status != 404:
+        return False
+    try:
+        return bool(json.loads(data)["error"]["code"] == "model_not_found")
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 class Proxy:
@@ -104,15 +125,9 @@ class Proxy:
         self._pending: list[Settlement] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def handle(self, request: Request, path: str, chat: bool) -> Response:
-        """Admit, route and relay one completion request."""
-        key = bearer(request.headers.get("authorization"))
-        if key is None:
-            raise invalid_api_key()
-        try:
-            raw = await request.body()
-        except ClientDisconnect:
-            return Response(status_code=CLIENT_GONE)
+    async def handle(self, key: str, raw: bytes, path: str, chat: bool,
+                     receive: Receive) -> Response:
+        """Admit, route and relay one completion request (``receive``: to see the client leave)."""
         try:
             try:
                 body = json.loads(raw)
@@ -126,7 +141,7 @@ class Proxy:
             raise
         adapter = None if shape.model in self.fleet.base_models() else shape.model
         reserved = shape.reserved(self.fleet.max_model_len())
-        ticket = Ticket("", uuid.uuid4().hex, shape.model, reserved, shape.prompt_tokens)
+        ticket = Ticket("", next_request_id(), shape.model, reserved, shape.prompt_tokens)
         admission = await self.store.admit(hash_key(key), adapter, reserved, ticket.request_id)
         headers = ratelimit_headers(admission)
         self._check(admission, shape.model, headers)
@@ -146,7 +161,7 @@ class Proxy:
         try:
             if shape.stream:
                 return await self._stream(path, raw, candidates, ticket, shape, headers)
-            return await self._unary(request, path, raw, candidates, ticket, headers)
+            return await self._unary(receive, path, raw, candidates, ticket, headers)
         except BaseException:
             self.settle(ticket, None)  # a no-op once the request settled itself
             raise
@@ -165,7 +180,7 @@ class Proxy:
         healthy = self.fleet.healthy()
         return healthy if adapter is not None else [r for r in healthy if r.model == model]
 
-    async def _unary(self, request: Request, path: str, raw: bytes, candidates: list[Replica],
+    async def _unary(self, receive: Receive, path: str, raw: bytes, candidates: list[Replica],
                      ticket: Ticket, headers: dict[str, str]) -> Response:
         async def attempt() -> tuple[int, str, bytes]:
             for i, r in enumerate(candidates):
@@ -174,9 +189,9 @@ class Proxy:
                     async with r.session.post(r.base + path, data=raw,
                                               headers=JSON_HEADERS) as resp:
                         data = await resp.read()
-                    if resp.status == 503 and i + 1 < len(candidates):
-                        self.metrics.retries.inc()
-                        continue  # overloaded or dying: another replica may serve it
+                    if i + 1 < len(candidates) and retry_elsewhere(resp.status, data):
+                        self._missed(r, ticket, resp.status)
+                        continue
                     return resp.status, resp.content_type, data
                 except _UPSTREAM_ERRORS as e:
                     self.fleet.mark_down(r, f"{type(e).__name__}: {e}")
@@ -185,20 +200,17 @@ class Proxy:
                     r.in_flight -= 1
             raise no_replica()
 
-        result = await until_disconnect(request, attempt)
+        result = await until_disconnect(receive, attempt)
         if result is None:
             self.settle(ticket, None)
             return Response(status_code=CLIENT_GONE)
         status, content_type, data = result
+        data, answer = ticket.to_tenant(data, error=status != 200)
         usage: dict[str, Any] | None = None
         if status == 200:
-            try:
-                usage = json.loads(data).get("usage") or {}
-            except (ValueError, AttributeError):
-                usage = {}
+            usage = (answer.get("usage") if isinstance(answer, dict) else None) or {}
         self.settle(ticket, usage)
-        return Response(ticket.to_tenant(data, status == 200), status_code=status,
-                        media_type=content_type, headers=headers)
+        return Response(data, status_code=status, media_type=content_type, headers=headers)
 
     async def _stream(self, path: str, raw: bytes, candidates: list[Replica], ticket: Ticket,
                       shape: RequestShape, headers: dict[str, str]) -> Response:
@@ -216,11 +228,11 @@ class Proxy:
                     handed_off = True
                     return RelayResponse(relay, headers)
                 data = await resp.read()
-                if resp.status == 503 and i + 1 < len(candidates):
-                    self.metrics.retries.inc()
-                    continue  # overloaded or dying: another replica may serve it
+                if i + 1 < len(candidates) and retry_elsewhere(resp.status, data):
+                    self._missed(r, ticket, resp.status)
+                    continue
                 self.settle(ticket, None)
-                return Response(ticket.to_tenant(data, ok=False), status_code=resp.status,
+                return Response(ticket.to_tenant(data, error=True)[0], status_code=resp.status,
                                 media_type=resp.content_type, headers=headers)
             except _UPSTREAM_ERRORS as e:
                 self.fleet.mark_down(r, f"{type(e).__name__}: {e}")
@@ -231,6 +243,12 @@ class Proxy:
                         resp.close()
                     r.in_flight -= 1
         raise no_replica()
+
+    def _missed(self, replica: Replica, ticket: Ticket, status: int) -> None:
+        """Count a retry; a replica without the adapter ranks as such until its next report."""
+        self.metrics.retries.inc()
+        if status == 404:
+            replica.tiers.pop(ticket.served_as, None)
 
     def settle(self, ticket: Ticket, usage: dict[str, Any] | None) -> None:
         """Reconcile a request's reservation in the background (it must not delay the reply).
@@ -283,17 +301,17 @@ class Relay:
         event = self.first
         try:
             while event:
-                if event.startswith(b"data: {") and b'"choices":[]' in event:
-                    with contextlib.suppress(ValueError):
-                        self.usage = json.loads(event[6:]).get("usage") or self.usage
+                renamed, data = self.ticket.event_to_tenant(event)
+                if isinstance(data, dict) and data.get("choices") == []:  # the usage event
+                    self.usage = data.get("usage") or self.usage
                     if not self.client_wants_usage:
                         event = await self._next()
                         continue
-                elif event.startswith(b"data: [DONE]"):
+                elif data == b"[DONE]":
                     self.done = True
                 else:
                     self.chunks += 1
-                yield self.ticket.to_tenant(event)
+                yield renamed
                 event = await self._next()
         except _UPSTREAM_ERRORS as e:
             self.proxy.fleet.mark_down(self.replica, f"{type(e).__name__}: {e}")
@@ -347,7 +365,7 @@ class RelayResponse(StreamingResponse):
             self.relay.close()
 
 
-async def until_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -> T | None:
+async def until_disconnect(receive: Receive, work: Callable[[], Awaitable[T]]) -> T | None:
     """Await ``work()``; cancel it and return None if the client disconnects first."""
     task = asyncio.current_task()
     assert task is not None
@@ -355,7 +373,7 @@ async def until_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -
 
     async def watch() -> None:
         nonlocal gone
-        while (await request.receive())["type"] != "http.disconnect":
+        while (await receive())["type"] != "http.disconnect":
             pass
         gone = True
         task.cancel()

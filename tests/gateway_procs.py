@@ -100,8 +100,9 @@ def wait_engine(proc: Proc, url: str) -> None:
     proc.wait_until(_http_ok(url + "/health"), 180)
 
 
-def start_gateway(folder: Path, name: str, redis_url: str, engines: list[str]) -> tuple[Proc, str]:
-    """A `loraplane gateway` over ``engines`` (polling them twice a second)."""
+def start_gateway(folder: Path, name: str, redis_url: str, engines: list[str],
+                  poll_interval_s: float = 0.5) -> tuple[Proc, str]:
+    """A `loraplane gateway` over ``engines`` (polling them twice a second by default)."""
     port = free_port()
     token_file = folder / "admin-token"
     token_file.write_text(ADMIN_TOKEN + "\n")
@@ -110,7 +111,7 @@ def start_gateway(folder: Path, name: str, redis_url: str, engines: list[str]) -
     for e in engines:
         argv += ["--engine", e]
     proc = Proc(name, argv, folder / f"{name}.log",
-                env={"LORAPLANE_GATEWAY_POLL_INTERVAL_S": "0.5"})
+                env={"LORAPLANE_GATEWAY_POLL_INTERVAL_S": str(poll_interval_s)})
     url = f"http://127.0.0.1:{port}"
     proc.wait_until(_http_ok(url + "/health"), 60)
     return proc, url

@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from loraplane.gateway import routing
 from tests.gateway_procs import (
     ADMIN_TOKEN,
     Proc,
@@ -291,6 +292,39 @@ def test_client_disconnect_aborts_on_the_engine(fleet: Fleet) -> None:
         assert time.monotonic() < deadline, "the engine kept generating for a gone client"
         time.sleep(0.2)
     assert metric(fleet.b, "loraplane_requests_running") == 0
+
+
+def test_new_version_on_another_replica_is_retried_before_the_next_poll(
+        fleet: Fleet) -> None:
+    """A replica without the adapter's new engine name answers 404: the next one serves it."""
+    proc, gateway = start_gateway(fleet.folder, "gateway-stale", fleet.redis_url,
+                                  [fleet.a, fleet.b], poll_interval_s=3600)  # residency stays stale
+    try:
+        name = "swap/bot@v2"
+        # Neither replica held the name at the gateway's one poll, so it ranks them by hash
+        # alone: put the new version only on the one ranked second.
+        first = max((fleet.a, fleet.b), key=lambda url: routing.rendezvous(name, url))
+        holder = fleet.b if first == fleet.a else fleet.a
+        load_adapter(holder, name, fleet.folder, seed=21)
+        assert fleet.admin("PUT", "/adapters/swap/bot", {"engine_name": name}).status_code == 200
+        key = fleet.tenant("swap")
+        c = openai.OpenAI(base_url=gateway + "/v1", api_key=key, max_retries=0, timeout=60)
+        retries = metric(gateway, "loraplane_gateway_upstream_retries_total")
+        assert c.completions.create(model="swap/bot", prompt="hi", max_tokens=2).model == (
+            "swap/bot")
+        chunks = list(c.chat.completions.create(
+            model="swap/bot", max_tokens=2, stream=True,
+            messages=[{"role": "user", "content": "hi"}]))
+        assert chunks and {ch.model for ch in chunks} == {"swap/bot"}
+        assert metric(holder, "loraplane_requests_total", model=name) == 2
+        assert metric(gateway, "loraplane_gateway_upstream_retries_total") - retries == 2
+        # A name no replica holds still ends in the tenant's 404, without the engine's name.
+        fleet.admin("PUT", "/adapters/swap/bot", {"engine_name": "swap/bot@v3"})
+        with pytest.raises(openai.NotFoundError) as e:
+            c.completions.create(model="swap/bot", prompt="hi", max_tokens=2)
+        assert e.value.code == "model_not_found" and "@v3" not in e.value.response.text
+    finally:
+        proc.stop()
 
 
 def test_failover_when_a_replica_is_killed(fleet: Fleet) -> None:

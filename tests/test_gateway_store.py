@@ -190,3 +190,26 @@ def test_limits_are_atomic_across_gateway_replicas(redis_url: str, tmp_path: Pat
     outcomes = asyncio.run(main())
     assert outcomes.count(Outcome.OK) == 25
     assert outcomes.count(Outcome.LIMITED) == 65
+
+
+def test_request_path_connection_recovers_from_flush_and_kill(redis_url: str) -> None:
+    """Admission reloads its script after SCRIPT FLUSH and reconnects after the server drops it."""
+
+    async def main() -> None:
+        store = RedisStore(redis_url)
+        await store._redis.flushdb()
+        try:
+            h = await _tenant_with_key(store, "recover", Limits(requests_per_minute=100))
+            assert (await store.admit(h, None, 1, "a")).outcome is Outcome.OK
+            await store._redis.script_flush()
+            assert (await store.admit(h, None, 1, "b")).outcome is Outcome.OK
+            killed = await store._redis.client_kill_filter(_type="normal", skipme=True)
+            assert killed >= 1
+            await asyncio.sleep(0.2)  # the loop sees the connection end
+            assert (await store.admit(h, None, 1, "c")).outcome is Outcome.OK
+            await store.settle([Settlement("recover", r, "tiny", 1, 1, 0) for r in "abc"])
+            assert (await store.usage("recover"))["tiny"].requests == 3
+        finally:
+            await store.close()
+
+    asyncio.run(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from loraplane.gateway.embedded import read_tenants_file
 from loraplane.gateway.errors import GatewayError
 from loraplane.gateway.keys import bearer, hash_key, new_key, same_hash
 from loraplane.gateway.limits import Admission, Outcome, format_duration, ratelimit_headers, refill
+from loraplane.gateway.proxy import retry_elsewhere
+from loraplane.gateway.rename import rename_event, rename_json
 
 
 @dataclass
@@ -137,3 +140,46 @@ def test_tenants_file_is_checked(tmp_path: Path) -> None:
         good.write_text(text)
         with pytest.raises(SystemExit):
             read_tenants_file(good)
+
+
+def test_model_name_is_put_back_whatever_the_json_spacing() -> None:
+    served, model = "acme/poet@v2", "acme/poet"
+    spaced = b'{ "id" : "cmpl-1",\n  "model" :  "acme/poet@v2" , "choices": [{"text": ' \
+             b'"I am acme/poet@v2", "index": 0}], "usage": {"prompt_tokens": 2} }'
+    out, obj = rename_json(spaced, served, model)
+    answer = json.loads(out)
+    assert answer["model"] == model and obj["usage"] == {"prompt_tokens": 2}
+    assert answer["choices"][0]["text"] == "I am acme/poet@v2"  # generated text is untouched
+    escaped = b'{"model":"acme\\/poet@v2"}'  # "\/" is a legal escape of "/"
+    assert json.loads(rename_json(escaped, served, model)[0])["model"] == model
+    same = b'{"model": "acme/poet", "choices": []}'
+    assert rename_json(same, model, model)[0] is same  # nothing to rename: the bytes as sent
+    # Errors lose the engine name wherever they quote it, JSON or not.
+    error = b'{"error": {"message": "The model `acme/poet@v2` does not exist.", "code": null}}'
+    out, _ = rename_json(error, served, model, error=True)
+    assert b"@v2" not in out and "`acme/poet`" in json.loads(out)["error"]["message"]
+    assert rename_json(b"no acme/poet@v2 here", served, model, error=True)[0] == (
+        b"no acme/poet here")
+    # SSE events: spaced data, "data:" without a space, other fields kept, [DONE] passed on.
+    event = b'id: 7\ndata: {"model" : "acme/poet@v2", "choices" : [ ]}\n\n'
+    out, data = rename_event(event, served, model)
+    assert out.startswith(b"id: 7\ndata: ") and out.endswith(b"\n\n")
+    assert json.loads(out.split(b"data: ", 1)[1])["model"] == model and data["choices"] == []
+    out, data = rename_event(b'data: {"model" : "acme/poet@v2", "usage": null}\n\n', served, model)
+    assert out == b'data: {"model":"acme/poet","usage":null}\n\n' and data["usage"] is None
+    out, data = rename_event(b'data:{"model":"acme/poet@v2"}\n\n', served, model)
+    assert json.loads(out[6:]) == {"model": model}
+    split = b'data: {"model":\ndata:  "acme/poet@v2"}\n\n'  # one value over two data lines
+    out, data = rename_event(split, served, model)
+    assert out.count(b"data:") == 1 and data == {"model": model}
+    assert rename_event(b"data: [DONE]\n\n", served, model) == (b"data: [DONE]\n\n",
+                                                                  b"[DONE]")
+    assert rename_event(b": keep-alive\n\n", served, model) == (b": keep-alive\n\n", None)
+
+
+def test_retry_elsewhere_on_overload_and_missing_engine_name() -> None:
+    missing = json.dumps({"error": {"message": "no", "code": "model_not_found"}}).encode()
+    assert retry_elsewhere(503, b"") and retry_elsewhere(404, missing)
+    assert not retry_elsewhere(404, b'{"error": {"code": "not_found"}}')
+    assert not retry_elsewhere(404, b"<html>") and not retry_elsewhere(400, missing)
+    assert not retry_elsewhere(200, b"{}")

@@ -1,4 +1,5 @@
-"""The gateway fleet's store: Redis, with admission and settlement as Lua scripts (atomic).
+"""The gateway fleet's store: Redis, with admission and settlement as Lua scripts (atomic),
+run through the request path's own pipelined connection (``scripts.ScriptRunner``).
 
 Keys (all under ``lp:``): ``tenants`` (set), ``tenant:{t}`` (hash: created, rpm, tpm, conc),
 ``keys:{t}`` (hash: key id -> JSON), ``keyhash`` (hash: key hash -> "tenant key-id"),
@@ -23,6 +24,7 @@ from loraplane.gateway.keys import new_key_id
 from loraplane.gateway.limits import Admission, Outcome, Settlement
 from loraplane.gateway.schemas import Adapter, AdapterRecord, KeyInfo, Limits, Tenant, Usage
 from loraplane.gateway.store.base import Store
+from loraplane.gateway.store.scripts import Script, ScriptRunner
 
 P = "lp:"
 _LIMIT_FIELDS = (("rpm", "requests_per_minute"), ("tpm", "tokens_per_minute"),
@@ -31,7 +33,7 @@ _LIMIT_FIELDS = (("rpm", "requests_per_minute"), ("tpm", "tokens_per_minute"),
 # ARGV: key hash, adapter id ("" for the base model), tokens to reserve, request id, lease ms.
 # Returns {outcome, tenant, reason, retry ms, rpm, requests left, tpm, tokens left, engine name}
 # as strings; the engine name is the adapter's engine_name, else its id ("" for the base model).
-ADMIT = """
+ADMIT = Script("""
 local P = 'lp:'
 local ref = redis.call('HGET', P .. 'keyhash', ARGV[1])
 if not ref then return {'unauthorized'} end
@@ -106,10 +108,10 @@ if reason == '' then
 end
 return {outcome, tenant, reason, tostring(retry), lim[1] or '', tostring(rlev), lim[2] or '',
         tostring(tlev), served}
-"""
+""")
 
 # ARGV: tenant, request id, model, reserved tokens, prompt tokens, completion tokens, metered.
-SETTLE = """
+SETTLE = Script("""
 local P = 'lp:'
 local tenant = ARGV[1]
 local used = tonumber(ARGV[5]) + tonumber(ARGV[6])
@@ -129,7 +131,7 @@ redis.call('HINCRBY', u, ARGV[3] .. '\\trequests', 1)
 redis.call('HINCRBY', u, ARGV[3] .. '\\tprompt_tokens', ARGV[5])
 redis.call('HINCRBY', u, ARGV[3] .. '\\tcompletion_tokens', ARGV[6])
 return 1
-"""
+""")
 
 
 def _num(value: str) -> int | None:
@@ -145,11 +147,11 @@ class RedisStore(Store):
         self._redis: Any = aioredis.from_url(url, decode_responses=True,
                                              socket_connect_timeout=timeout_s,
                                              socket_timeout=timeout_s)
-        self._admit = self._redis.register_script(ADMIT)
-        self._settle = self._redis.register_script(SETTLE)
+        self._scripts = ScriptRunner(url, timeout_s)  # the request path's lean connection
         self._lease_ms = int(concurrency_lease_s * 1000)
 
     async def close(self) -> None:
+        await self._scripts.close()
         await self._redis.aclose()
 
     async def ping(self) -> None:
@@ -252,7 +254,8 @@ class RedisStore(Store):
 
     async def admit(self, key_hash: str, adapter: str | None, tokens: int,
                     request_id: str) -> Admission:
-        r = await self._admit(args=[key_hash, adapter or "", tokens, request_id, self._lease_ms])
+        (r,) = await self._scripts.run(ADMIT, [(key_hash, adapter or "", tokens, request_id,
+                                                 self._lease_ms)])
         outcome = Outcome(r[0])
         if len(r) < 3:
             return Admission(outcome, r[1] if len(r) > 1 else "")
@@ -262,12 +265,9 @@ class RedisStore(Store):
                          engine_name=r[8])
 
     async def settle(self, done: list[Settlement]) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for d in done:
-                await self._settle(args=[d.tenant, d.request_id, d.model, d.reserved,
-                                         d.prompt_tokens, d.completion_tokens, int(d.metered)],
-                                   client=pipe)
-            await pipe.execute()
+        await self._scripts.run(SETTLE, [(d.tenant, d.request_id, d.model, d.reserved,
+                                          d.prompt_tokens, d.completion_tokens, int(d.metered))
+                                         for d in done])
 
     async def usage(self, tenant: str) -> dict[str, Usage]:
         rows = await self._redis.hgetall(P + "usage:" + tenant)
