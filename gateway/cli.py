@@ -18,11 +18,16 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", action="append", dest="engines", metavar="URL",
                    help="base URL of an engine replica (repeatable)")
     p.add_argument("--k8s-selector", metavar="SELECTOR",
-                   help="also discover engine pods with this label selector (in a pod)")
+                   help="also discover engine pods with this label selector (in a pod, "
+                   "or with --k8s-api)")
     p.add_argument("--k8s-namespace", help="namespace of the engine pods (default: the "
                    "gateway pod's own)")
     p.add_argument("--k8s-port", type=int, help="engine port if the pod names no port 'http' "
                    "(default 8000)")
+    p.add_argument("--k8s-api", metavar="URL", help="Kubernetes API base URL (default: in-cluster "
+                   "https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT)")
+    p.add_argument("--k8s-token-file", type=Path, metavar="FILE", help="bearer token for the "
+                   "Kubernetes API (default: the pod's service-account token)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to bind (default 8080)")
     p.add_argument("--admin-token-file", type=Path, metavar="FILE",
@@ -40,8 +45,8 @@ def run_gateway(args: argparse.Namespace) -> int:
     from loraplane.gateway.main import run
     from loraplane.gateway.settings import Settings
 
-    names = ("redis_url", "engines", "k8s_selector", "k8s_namespace", "k8s_port", "host", "port",
-             "admin_token_file", "load_epsilon", "log_level")
+    names = ("redis_url", "engines", "k8s_selector", "k8s_namespace", "k8s_port", "k8s_api",
+             "k8s_token_file", "host", "port", "admin_token_file", "load_epsilon", "log_level")
     flags = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     try:
         settings = Settings(**flags)

@@ -1,7 +1,8 @@
 """Kubernetes discovery of engine pods by label selector, over the API's plain HTTP interface.
 
 In a pod, the service account's token and CA (mounted by Kubernetes) authorise a list of pods
-in a namespace; the gateway needs RBAC ``get, list`` on ``pods`` there.
+in a namespace; the gateway needs RBAC ``get, list`` on ``pods`` there. Outside a pod (tests,
+a local run) ``api_url`` and ``token_file`` (``--k8s-api``, ``--k8s-token-file``) name the API.
 """
 
 from __future__ import annotations
@@ -55,13 +56,14 @@ class KubernetesDiscovery:
         self.default_port = default_port
         host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get(
             "KUBERNETES_SERVICE_PORT", "443")
-        self.api_url = api_url or (f"https://{host}:{port}" if host else "")
+        self.api_url = (api_url or (f"https://{host}:{port}" if host else "")).rstrip("/")
         self.token_file = token_file or SERVICE_ACCOUNT / "token"
         ca = ca_file or SERVICE_ACCOUNT / "ca.crt"
         self.ssl: ssl.SSLContext | bool = ssl.create_default_context(
             cafile=str(ca)) if ca.exists() else True
         if not self.api_url:
-            raise ValueError("Kubernetes discovery needs KUBERNETES_SERVICE_HOST (run in a pod)")
+            raise ValueError("Kubernetes discovery needs KUBERNETES_SERVICE_HOST (run in a "
+                             "pod) or an API URL (--k8s-api)")
 
     async def endpoints(self, session: aiohttp.ClientSession) -> list[str]:
         """Base URLs of the ready engine pods now."""

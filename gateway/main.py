@@ -49,7 +49,8 @@ def build_app(settings: Settings, store: Store | None = None) -> Gateway:
     discovery = None
     if settings.k8s_selector:
         discovery = KubernetesDiscovery(settings.k8s_selector, settings.k8s_namespace,
-                                        settings.k8s_port)
+                                        settings.k8s_port, api_url=settings.k8s_api,
+                                        token_file=settings.k8s_token_file)
     fleet = Fleet(settings.engines, discovery, settings.poll_interval_s,
                   settings.discovery_interval_s, settings.connect_timeout_s)
     metrics = GatewayMetrics(fleet)

@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     k8s_selector: str | None = None  # label selector of engine pods, e.g. app=loraplane-engine
     k8s_namespace: str | None = None  # default: the namespace of the gateway's own pod
     k8s_port: int = 8000  # engine port when the pod names no container port "http"
+    k8s_api: str | None = None  # default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT
+    k8s_token_file: Path | None = None  # default: the pod's service-account token
     host: str = "127.0.0.1"
     port: int = 8080
     admin_token: SecretStr | None = None

@@ -101,8 +101,10 @@ def wait_engine(proc: Proc, url: str) -> None:
 
 
 def start_gateway(folder: Path, name: str, redis_url: str, engines: list[str],
-                  poll_interval_s: float = 0.5) -> tuple[Proc, str]:
-    """A `loraplane gateway` over ``engines`` (polling them twice a second by default)."""
+                  poll_interval_s: float = 0.5, extra: list[str] | None = None,
+                  env: dict[str, str] | None = None) -> tuple[Proc, str]:
+    """A `loraplane gateway` over ``engines`` (polling them twice a second by default), with
+    ``extra`` flags and ``env`` (e.g. Kubernetes discovery)."""
     port = free_port()
     token_file = folder / "admin-token"
     token_file.write_text(ADMIN_TOKEN + "\n")
@@ -110,8 +112,8 @@ def start_gateway(folder: Path, name: str, redis_url: str, engines: list[str],
             "--port", str(port), "--admin-token-file", str(token_file), "--log-level", "info"]
     for e in engines:
         argv += ["--engine", e]
-    proc = Proc(name, argv, folder / f"{name}.log",
-                env={"LORAPLANE_GATEWAY_POLL_INTERVAL_S": str(poll_interval_s)})
+    proc = Proc(name, argv + (extra or []), folder / f"{name}.log",
+                env={"LORAPLANE_GATEWAY_POLL_INTERVAL_S": str(poll_interval_s), **(env or {})})
     url = f"http://127.0.0.1:{port}"
     proc.wait_until(_http_ok(url + "/health"), 60)
     return proc, url

@@ -7,6 +7,7 @@ objects itself because kmock 0.8 (see /work/shared/KUBERNETES-TESTING.md):
   on resourceVersion fails forever (and a failed `test` must answer 422, not 500);
 - ignores generateName (every Kopf event after the first would get 409);
 - answers lists without kind/apiVersion (kubectl refuses them);
+- ignores labelSelector on lists (the gateway discovers engine pods by one);
 - matches each request against every recorded request, so its cost grows with history: here
   Kubernetes requests never reach kmock's reaction matching and the history is trimmed.
 It validates nothing against the CRD schema: tests do that with jsonschema.
@@ -28,6 +29,7 @@ import re
 import string
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,33 @@ def _now() -> str:
 
 def _res(r: kmock.resource) -> str:
     return f"{r.group}/{r.version}/{r.plural}" if r.group else f"{r.version}/{r.plural}"
+
+
+_REQUIREMENT = re.compile(r"\s*(!?)\s*([\w./-]+)(?:\s*(==|=|!=)\s*([\w.-]*)|"
+                          r"\s+(in|notin)\s*\(([^)]*)\))?\s*(?:,|$)")
+
+
+def label_filter(selector: str | None) -> Callable[[dict[str, Any]], bool]:
+    """A predicate over objects for a label selector: k=v, k==v, k!=v, k, !k, k in (a,b),
+    k notin (a,b), comma-joined (all must hold). None or empty: everything."""
+    checks: list[Callable[[dict[str, str]], bool]] = []
+    pos, selector = 0, (selector or "").strip()
+    while pos < len(selector):
+        m = _REQUIREMENT.match(selector, pos)
+        if m is None or m.end() == pos:
+            raise kmock.KubernetesError(400, "BadRequest", f"bad labelSelector {selector!r}")
+        pos = m.end()
+        neg, key, op, value, set_op, values = m.groups()
+        if op:
+            checks.append(lambda labels, k=key, v=value, eq=op != "!=":
+                          (labels.get(k) == v) == eq)
+        elif set_op:
+            options = {v.strip() for v in values.split(",")}
+            checks.append(lambda labels, k=key, o=options, inside=set_op == "in":
+                          (labels.get(k) in o) == inside)
+        else:
+            checks.append(lambda labels, k=key, present=not neg: (k in labels) == present)
+    return lambda obj: all(c(obj.get("metadata", {}).get("labels") or {}) for c in checks)
 
 
 @attrs.define(kw_only=True)
@@ -156,8 +185,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         ns, name, action = request.namespace, request.name, request.action
         api_version = key.rsplit("/", 1)[0]
         if action == kmock.action.LIST:
+            wanted = label_filter(request.params.get("labelSelector"))
             items = [o for (k, n, _), o in self.store.items()
-                     if k == key and (ns is None or n == ns)]
+                     if k == key and (ns is None or n == ns) and wanted(o)]
             return self._json({"apiVersion": api_version, "kind": f"{self.kinds[key]}List",
                                "metadata": {"resourceVersion": str(self.rv)}, "items": items})
         if action == kmock.action.CREATE:
