@@ -6,12 +6,12 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplane.engine.kernels.lora_meta import MODULE_INDEX, LoraKernelMeta
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """float32 stays IEEE (no TF32 rounding), so the fp32 engine matches its torch twin."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+from loraplane.engine.kernels.common import dot_precision
+from loraplane.engine.kernels.lora_meta import (
+    MODULE_INDEX,
+    LoraKernelMeta,
+    segment_weights,
+)
 
 
 @triton.jit
@@ -71,19 +71,12 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor, pool_layer: torch.Tensor, meta
     _expand_kernel[grid](s, y, pool_layer, meta.tiles, meta.segs, meta.offsets, meta.pages,
                          n, s.stride(0), y.stride(0), MODULE_INDEX[module],
                          CHUNK=chunk, CPP=chunks_per_page, BLOCK_M=block_m, BLOCK_N=block_n,
-                         BLOCK_R=block_r, PRECISION=_precision(pool_layer.dtype))
+                         BLOCK_R=block_r, PRECISION=dot_precision(pool_layer.dtype))
 
 
 def lora_expand_ref(s: torch.Tensor, y: torch.Tensor, pool_layer: torch.Tensor,
                     meta: LoraKernelMeta, module: str, chunk: int, chunks_per_page: int) -> None:
     """Plain-torch twin of lora_expand reading the same metadata."""
     n = y.shape[1]
-    chunks = pool_layer.reshape(-1, chunk)
-    for i, (start, end, rank, poff) in enumerate(meta.segs.tolist()):
-        first = int(meta.offsets[i, MODULE_INDEX[module], 1])
-        if first < 0:
-            continue
-        c = first + torch.arange(rank * n // chunk, device=y.device)
-        pages = meta.pages[poff + c // chunks_per_page].long()
-        bt = chunks[pages * chunks_per_page + c % chunks_per_page].reshape(rank, n)
-        y[start:end] += (s[start:end, :rank] @ bt.float()).to(y.dtype)
+    for start, end, bt in segment_weights(pool_layer, meta, module, 1, chunk, chunks_per_page, n):
+        y[start:end] += (s[start:end, :bt.shape[0]] @ bt.float()).to(y.dtype)

@@ -118,3 +118,23 @@ class StaticMeta:
         flat, _, _, _ = _pack(segments, self.block_m, self.shape)
         self.flat.copy_(flat.pin_memory() if self.flat.is_cuda else flat, non_blocking=True)
         return self.meta
+
+
+def segment_weights(pool_layer: torch.Tensor, meta: LoraKernelMeta, module: str, kind: int,
+                    chunk: int, chunks_per_page: int,
+                    width: int) -> list[tuple[int, int, torch.Tensor]]:
+    """(row_start, row_end, W) per segment whose adapter targets `module`, read from the pool.
+
+    kind 0: A [rank, width]; kind 1: B^T [rank, width]. The torch twins of the kernels use it.
+    """
+    chunks = pool_layer.reshape(-1, chunk)
+    out = []
+    for i, (start, end, rank, poff) in enumerate(meta.segs.tolist()):
+        first = int(meta.offsets[i, MODULE_INDEX[module], kind])
+        if first < 0:
+            continue
+        c = first + torch.arange(rank * width // chunk, device=pool_layer.device)
+        pages = meta.pages[poff + c // chunks_per_page].long()
+        out.append((start, end, chunks[pages * chunks_per_page + c % chunks_per_page]
+                    .reshape(rank, width)))
+    return out

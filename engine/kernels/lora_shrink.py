@@ -6,12 +6,12 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplane.engine.kernels.lora_meta import MODULE_INDEX, LoraKernelMeta
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """float32 stays IEEE (no TF32 rounding), so the fp32 engine matches its torch twin."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+from loraplane.engine.kernels.common import dot_precision
+from loraplane.engine.kernels.lora_meta import (
+    MODULE_INDEX,
+    LoraKernelMeta,
+    segment_weights,
+)
 
 
 @triton.jit
@@ -75,7 +75,7 @@ def lora_shrink(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
                          k, x.stride(0), out.stride(0), MODULE_INDEX[module], k_per_split,
                          CHUNK=chunk, CPP=chunks_per_page, BLOCK_M=block_m, BLOCK_R=block_r,
                          BLOCK_K=block_k, ATOMIC=grid[2] > 1,
-                         PRECISION=_precision(x.dtype))
+                         PRECISION=dot_precision(x.dtype))
     return out
 
 
@@ -84,13 +84,6 @@ def lora_shrink_ref(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelM
     """Plain-torch twin of lora_shrink reading the same metadata."""
     t, k = x.shape
     out = torch.zeros(t, max(meta.max_rank, 1), dtype=torch.float32, device=x.device)
-    chunks = pool_layer.reshape(-1, chunk)
-    for s, (start, end, rank, poff) in enumerate(meta.segs.tolist()):
-        first = int(meta.offsets[s, MODULE_INDEX[module], 0])
-        if first < 0:
-            continue
-        c = first + torch.arange(rank * k // chunk, device=x.device)
-        pages = meta.pages[poff + c // chunks_per_page].long()
-        a = chunks[pages * chunks_per_page + c % chunks_per_page].reshape(rank, k)
-        out[start:end, :rank] = x[start:end].float() @ a.float().t()
+    for start, end, a in segment_weights(pool_layer, meta, module, 0, chunk, chunks_per_page, k):
+        out[start:end, :a.shape[0]] = x[start:end].float() @ a.float().t()
     return out

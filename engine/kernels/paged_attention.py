@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from loraplane.engine.kernels.common import dot_precision
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Fewest keys a decode split should cover: below this the extra reduce pass costs more than it buys.
 _MIN_KEYS_PER_SPLIT = 128
@@ -199,11 +201,6 @@ def _check_common(q: torch.Tensor, kv_pages: torch.Tensor, block_tables: torch.T
     return kvh, num_heads // kvh, block_size
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # float32 inputs would otherwise go through TF32 on the GPU.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -259,7 +256,7 @@ def paged_decode_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_tables
                          block_tables.stride(0), out.stride(0), out.stride(1),
                          GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
                          HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-                         NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype),
+                         NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype),
                          num_warps=4, num_stages=2)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](part_acc, part_ml, out, out.stride(0),
@@ -299,7 +296,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_table
                           kv_pages.stride(2), kv_pages.stride(3), block_tables.stride(0),
                           out.stride(0), out.stride(1),
                           GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-                          BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
+                          BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
                           num_warps=8 if block_m >= 128 else 4, num_stages=2)
     return out
 
