@@ -84,7 +84,8 @@ def main() -> None:
             list(pool.map(upload, range(n)))
         print(f"uploaded {n} adapters to S3 in {time.perf_counter() - t:.1f} s")
 
-        procs["operator"] = start_operator(logs, kubecfg, [agent_url])
+        # Ready adapters are re-checked at the operator's default interval (60 s), as deployed.
+        procs["operator"] = start_operator(logs, kubecfg, [agent_url], recheck_interval=60)
         liveness = next(a for a in procs["operator"].argv if a.endswith("/healthz"))
         wait_for(lambda: httpx.get(liveness, timeout=2).status_code == 200, 60, "the operator")
         cpu_before = {name: cpu_seconds(p) for name, p in procs.items()}

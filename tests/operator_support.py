@@ -157,14 +157,18 @@ def start_agent(log_dir: Path, cache_dir: Path, engines: list[str], node: str = 
 
 
 def start_operator(log_dir: Path, kubecfg: Path, agents: list[str], redis_url: str | None = None,
-                   name: str = "operator", peering: str | None = None, priority: int = 0
-                   ) -> Proc:
-    """Standalone, or a replica in Kopf peering `peering` (keep-alives expire after 3 s)."""
+                   name: str = "operator", peering: str | None = None, priority: int = 0,
+                   recheck_interval: float = 1.0) -> Proc:
+    """Standalone, or a replica in Kopf peering `peering` (keep-alives expire after 3 s).
+
+    Tests re-check Ready adapters every second; the benchmark uses the production default.
+    """
     replica = (["--peering", peering, "--priority", str(priority), "--peering-lifetime", "3"]
                if peering else ["--standalone"])
     argv = [sys.executable, "-m", "loraplane.cli", "operator", "--base-model", "tiny",
             *replica, "--liveness", f"http://127.0.0.1:{free_port()}/healthz",
-            "--retry-base", "0.5", "--retry-cap", "4", "--recheck-interval", "1"]
+            "--retry-base", "0.5", "--retry-cap", "4",
+            "--recheck-interval", str(recheck_interval)]
     for a in agents:
         argv += ["--agent", a]
     if redis_url:
