@@ -27,7 +27,10 @@ setup: $(STAMP)
 serve: setup
 	$(VENV)/bin/loraplane serve $(ARGS)
 
+# The gateway's and the operator's tests run a real redis-server; install it where it is missing.
 test: setup
+	@command -v redis-server >/dev/null || { echo "installing redis-server for the tests"; \
+	  apt-get update -qq && apt-get install -y -qq redis-server; }
 	$(PY) -m pytest -q $(ARGS)
 
 lint: setup
