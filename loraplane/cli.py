@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("loraplane")
 
@@ -98,59 +100,11 @@ def _run_engine_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def _operator_args(p: argparse.ArgumentParser) -> None:
-    from loraplane.operator.cli import add_args
-
-    add_args(p)
-
-
-def _run_operator(args: argparse.Namespace) -> int:
-    from loraplane.operator.cli import run
-
-    return run(args)
-
-
-def _node_agent_args(p: argparse.ArgumentParser) -> None:
-    from loraplane.operator.node_agent.main import add_args
-
-    add_args(p)
-
-
-def _run_node_agent(args: argparse.Namespace) -> int:
-    from loraplane.operator.node_agent.main import run
-
-    return run(args)
-
-
 OPERATOR_HELP = """Run the LoraAdapter operator (Kopf): verify adapters in S3, place them on GPU
 nodes through the node agents, report status, and evict on delete. Needs the `operator` extra."""
 
 NODE_AGENT_HELP = """Run the node agent (a DaemonSet on GPU nodes): a host-RAM adapter cache shared
 with the node's engines, filled from S3 on the operator's request. Needs the `operator` extra."""
-
-
-def _gateway_args(p: argparse.ArgumentParser) -> None:
-    from loraplane.gateway.cli import add_gateway_args
-
-    add_gateway_args(p)
-
-
-def _run_gateway(args: argparse.Namespace) -> int:
-    from loraplane.gateway.cli import run_gateway
-
-    return run_gateway(args)
-
-
-def _tenants_args(p: argparse.ArgumentParser) -> None:
-    from loraplane.gateway.cli import add_tenants_args
-
-    add_tenants_args(p)
-
-
-def _run_tenants(args: argparse.Namespace) -> int:
-    from loraplane.gateway.cli import run_tenants
-
-    return run_tenants(args)
 
 
 GATEWAY_HELP = """Run the gateway: tenant API keys, adapter access, rate limits and adapter-affinity
@@ -159,30 +113,32 @@ routing in front of engine replicas, state in Redis. Needs the `gateway` extra."
 TENANTS_HELP = """Manage tenants, keys, limits and adapter sharing through a gateway's admin API;
 `loraplane tenants new-key` prints a key and its hash for `serve --tenants FILE`."""
 
-def _bench_args(p: argparse.ArgumentParser) -> None:
-    from loraplane.engine.bench.cli import add_args
-
-    add_args(p)
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    from loraplane.engine.bench.cli import run
-
-    return run(args)
-
 
 BENCH_HELP = """Benchmark the engine on the S-LoRA synthetic workload (settings S1, S2, S4; n
 adapters; Gamma arrivals or saturation), optionally side by side with HF PEFT; writes JSON."""
+
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    """A function of another plane, imported only when called (each plane has its own extras)."""
+
+    def call(*args: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args)
+    return call
+
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "serve": (SERVE_HELP, _serve_args, _run_engine_server),
     "engine": (ENGINE_HELP, _engine_args, _run_engine_server),
-    "operator": (OPERATOR_HELP, _operator_args, _run_operator),
-    "node-agent": (NODE_AGENT_HELP, _node_agent_args, _run_node_agent),
-    "gateway": (GATEWAY_HELP, _gateway_args, _run_gateway),
-    "tenants": (TENANTS_HELP, _tenants_args, _run_tenants),
-    "bench": (BENCH_HELP, _bench_args, _run_bench),
+    "operator": (OPERATOR_HELP, _lazy("loraplane.operator.cli", "add_args"),
+                 _lazy("loraplane.operator.cli", "run")),
+    "node-agent": (NODE_AGENT_HELP, _lazy("loraplane.operator.node_agent.main", "add_args"),
+                   _lazy("loraplane.operator.node_agent.main", "run")),
+    "gateway": (GATEWAY_HELP, _lazy("loraplane.gateway.cli", "add_gateway_args"),
+                _lazy("loraplane.gateway.cli", "run_gateway")),
+    "tenants": (TENANTS_HELP, _lazy("loraplane.gateway.cli", "add_tenants_args"),
+                _lazy("loraplane.gateway.cli", "run_tenants")),
+    "bench": (BENCH_HELP, _lazy("loraplane.engine.bench.cli", "add_args"),
+              _lazy("loraplane.engine.bench.cli", "run")),
 }
 
 
