@@ -72,7 +72,8 @@ def main() -> None:
     if 0 in engine:
         ax.axhline(engine[0], color="gray", linestyle="--", label="loraplane, no LoRA")
     if peft:
-        ax.plot(sorted(peft), [peft[n] for n in sorted(peft)], "s", label="HF PEFT, same machine (its own request mix)")
+        ax.plot(sorted(peft), [peft[n] for n in sorted(peft)], "s",
+                label="HF PEFT, same machine (its own request mix)")
     paper = SLORA_PAPER.get(args.setting)
     if paper:
         ax.plot(sorted(paper), [paper[n] for n in sorted(paper)], "^:",
