@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -58,6 +59,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
+    # A timeout or `kill` sends SIGTERM: turn it into SystemExit so `finally` stops the children
+    # (left running, they would skew the next run's numbers).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     n = args.adapters
     tmp = Path(tempfile.mkdtemp(prefix="operator-bench-"))
     logs, cache = tmp / "logs", tmp / "cache"
