@@ -110,6 +110,9 @@ NAMED_SHAPES: dict[str, ModelConfig] = {
                         bos_token_id=1, eos_token_ids=(2,)),
 }
 
+# Admission policies of engine/policies.py.
+POLICIES: tuple[str, ...] = ("fcfs", "cluster", "abort", "vtc")
+
 
 @dataclass(frozen=True)
 class EngineConfig:

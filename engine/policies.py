@@ -25,21 +25,19 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from loraplane.engine.config import POLICIES, EngineConfig
 from loraplane.engine.errors import SloUnattainableError
 from loraplane.engine.sequence import Sequence
 
 if TYPE_CHECKING:
     from loraplane.engine.adapter_cache import Adapter
-    from loraplane.engine.config import EngineConfig
-
-POLICIES = ("fcfs", "cluster", "abort", "vtc")
 
 # VTC's weights of a prompt token and an output token (the paper's w_p = 1, w_q = 2: a decoded
 # token costs about twice a prefilled one).
 PROMPT_WEIGHT = 1.0
 OUTPUT_WEIGHT = 2.0
-# Admission intervals the early-abort rate estimate averages over.
-RATE_WINDOW = 256
+# Finished requests whose time in the batch the early-abort estimate averages over.
+SERVICE_WINDOW = 64
 
 
 class Policy:
@@ -63,14 +61,13 @@ class Policy:
     def on_scheduled(self, seqs: list[Sequence], num_new: list[int]) -> None:
         """A batch was picked: ``num_new[i]`` tokens of ``seqs[i]`` are computed this step."""
 
-    def on_finish(self, seq: Sequence) -> None:
+    def on_finish(self, seq: Sequence, now: float) -> None:
         """A request left the engine (finished, aborted or refused)."""
 
-    def observe(self, now: float, admitted: int, backlog: bool) -> None:
-        """One admission round ended: ``admitted`` requests joined; ``backlog``: some wait on."""
-
-    def refusals(self, waiting: deque[Sequence], now: float) -> list[SloUnattainableError | None]:
-        """For each waiting request in queue order, the error to refuse it with, or None."""
+    def refusals(self, waiting: deque[Sequence], running: list[Sequence], now: float,
+                 estimate: bool) -> list[SloUnattainableError | None]:
+        """For each waiting request in queue order, the error to refuse it with, or None;
+        called before admission (``estimate`` False) and after it (True)."""
         return []
 
 
@@ -99,32 +96,29 @@ class AbortPolicy(Policy):
         if not slo_s > 0:
             raise ValueError(f"the first-token SLO must be positive, not {slo_s}")
         self.slo_s = slo_s
-        # (seconds, requests admitted) of recent admission rounds that left requests waiting,
-        # i.e. rounds limited by the engine's capacity, not by arrivals.
-        self._window: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW)
-        self._open: tuple[float, int] | None = None
+        # Seconds from first token to finish of recently completed requests: how long a request
+        # holds its place in the batch.
+        self._service: deque[float] = deque(maxlen=SERVICE_WINDOW)
 
-    def observe(self, now: float, admitted: int, backlog: bool) -> None:
-        if self._open is not None:
-            start, n = self._open
-            self._window.append((now - start, n))
-        self._open = (now, admitted) if backlog else None
+    def on_finish(self, seq: Sequence, now: float) -> None:
+        if seq.first_token_time is not None and seq.finish_reason in ("stop", "length"):
+            self._service.append(now - seq.first_token_time)
 
-    @property
-    def rate(self) -> float | None:
-        """Requests admitted per second while requests wait; None before it is measured."""
-        seconds = sum(dt for dt, _ in self._window)
-        admitted = sum(n for _, n in self._window)
-        if seconds <= 0 or admitted == 0:
+    def rate(self, running: int) -> float | None:
+        """Requests the batch frees per second (Little's law: running / mean time in the
+        batch); None before any request has finished."""
+        if not self._service or running == 0:
             return None
-        return admitted / seconds
+        return running / max(sum(self._service) / len(self._service), 1e-6)
 
-    def refusals(self, waiting: deque[Sequence], now: float) -> list[SloUnattainableError | None]:
-        """Walk the queue in order: a request whose wait so far plus the time to admit those
-        kept ahead of it (at the measured rate) passes the SLO is refused; the others are kept
-        and served in order. A request that already streamed tokens (preempted) is never
-        refused; before the rate is measured only requests already past the SLO are."""
-        rate = self.rate
+    def refusals(self, waiting: deque[Sequence], running: list[Sequence], now: float,
+                 estimate: bool) -> list[SloUnattainableError | None]:
+        """Walk the queue in order: a request whose wait so far plus the time for the batch to
+        free a place for it and each request kept ahead of it passes the SLO is refused; the
+        others are kept and served in order. A request that already streamed tokens (preempted)
+        is never refused. Without ``estimate`` (before admission) only requests already past the
+        SLO are."""
+        rate = self.rate(len(running)) if estimate else None
         out: list[SloUnattainableError | None] = []
         ahead = 0
         for seq in waiting:
@@ -134,7 +128,7 @@ class AbortPolicy(Policy):
                 continue
             waited = now - seq.arrival
             expected = waited + ((ahead + 1) / rate if rate else 0.0)
-            if waited > self.slo_s or expected > self.slo_s:
+            if expected > self.slo_s:
                 out.append(self._error(expected, ahead, rate))
             else:
                 out.append(None)
@@ -179,7 +173,7 @@ class VtcPolicy(Policy):
                                    min(active) if active else self._floor)
         self._active[t] = self._active.get(t, 0) + 1
 
-    def on_finish(self, seq: Sequence) -> None:
+    def on_finish(self, seq: Sequence, now: float) -> None:
         t = self.tenant(seq)
         n = self._active.get(t, 0) - 1
         if n > 0:

@@ -55,6 +55,12 @@ class Scheduler:
         # Waiting requests passed over max_passed_over times, in queue order: they go first.
         self._starving: list[Sequence] = []
 
+    def set_policy(self, policy: Policy) -> None:
+        """Switch policies between workloads (its accounting starts empty, so must the engine)."""
+        if self.has_work():
+            raise RuntimeError("the scheduling policy changes only while no request is queued")
+        self.policy = policy
+
     def add(self, seq: Sequence) -> None:
         self.policy.on_add(seq)
         self.waiting.append(seq)
@@ -81,15 +87,16 @@ class Scheduler:
                 budget -= n
                 i += 1
         now = self.clock()
-        self._refuse(batch, now)
-        self._admit(batch, budget, now)
+        self._refuse(batch, now, estimate=False)
+        self._admit(batch, budget)
+        self._refuse(batch, now, estimate=True)
         self.policy.on_scheduled(batch.seqs, batch.num_new)
         self.adapters.prefetch(upcoming_adapters(self._candidates(), PREFETCH_LIMIT))
         return batch
 
-    def _refuse(self, batch: ScheduledBatch, now: float) -> None:
+    def _refuse(self, batch: ScheduledBatch, now: float, estimate: bool) -> None:
         """Take the requests the policy refuses out of the queue (they hold no pages or pins)."""
-        errors = self.policy.refusals(self.waiting, now)
+        errors = self.policy.refusals(self.waiting, self.running, now, estimate)
         if not any(errors):
             return
         kept = [s for s, e in zip(self.waiting, errors, strict=True) if e is None]
@@ -97,7 +104,7 @@ class Scheduler:
             if error is not None:
                 seq.error = error
                 seq.status = Status.FINISHED
-                self.policy.on_finish(seq)
+                self.policy.on_finish(seq, now)
                 batch.refused.append(seq)
         self.waiting.clear()
         self.waiting.extend(kept)
@@ -111,7 +118,7 @@ class Scheduler:
             if seq.status is Status.WAITING and seq.passed_over < limit:
                 yield seq
 
-    def _admit(self, batch: ScheduledBatch, budget: int, now: float) -> None:
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         """Admit waiting requests in order while budget, batch slots and KV pages last.
 
         A request whose adapter is over the batch's adapter cap, or that the adapter cache cannot
@@ -125,7 +132,6 @@ class Scheduler:
         refused: set[Adapter] = set()  # acquire() said no this round: not asked again
         skipped: list[tuple[Sequence, int]] = []  # (request, admissions before it was skipped)
         admitted: list[Sequence] = []
-        waited = bool(self.waiting)
         for seq in self._candidates():
             if (budget <= 0 or len(self.running) >= cfg.max_num_seqs
                     or len(skipped) >= cfg.admission_lookahead):
@@ -153,7 +159,6 @@ class Scheduler:
                 in_batch.add(seq.adapter)
         if admitted:
             self._leave_queue(admitted, [s for s, before in skipped if before < len(admitted)])
-        self.policy.observe(now, len(admitted), waited and bool(self.waiting))
 
     def _pin_adapter(self, seq: Sequence, in_batch: set[Adapter], refused: set[Adapter]) -> bool:
         """Pin the request's adapter if the batch's cap and the cache allow it this step."""
@@ -248,4 +253,4 @@ class Scheduler:
         self._free_kv(seq)
         self._release_adapter(seq)
         seq.status = Status.FINISHED
-        self.policy.on_finish(seq)
+        self.policy.on_finish(seq, self.clock())
