@@ -20,7 +20,9 @@ says, from the waiting queue, which request to try next, and keeps the accountin
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
+import statistics
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -96,52 +98,77 @@ class AbortPolicy(Policy):
         if not slo_s > 0:
             raise ValueError(f"the first-token SLO must be positive, not {slo_s}")
         self.slo_s = slo_s
-        # Seconds from first token to finish of recently completed requests: how long a request
-        # holds its place in the batch.
+        # Seconds from first token to finish of recently completed requests.
         self._service: deque[float] = deque(maxlen=SERVICE_WINDOW)
+        # Seconds between admission rounds (engine steps); the median ignores idle gaps.
+        self._steps: deque[float] = deque(maxlen=SERVICE_WINDOW)
+        self._last_round: float | None = None
 
     def on_finish(self, seq: Sequence, now: float) -> None:
         if seq.first_token_time is not None and seq.finish_reason in ("stop", "length"):
             self._service.append(now - seq.first_token_time)
 
-    def rate(self, running: int) -> float | None:
-        """Requests the batch frees per second (Little's law: running / mean time in the
-        batch); None before any request has finished."""
-        if not self._service or running == 0:
+    def hold_time(self) -> float | None:
+        """Seconds a request holds its place in the batch: from its first token to its finish,
+        plus the step that admits it and the one after its finish that admits the next; None
+        before any request has finished."""
+        if not self._service:
             return None
-        return running / max(sum(self._service) / len(self._service), 1e-6)
+        step = statistics.median(self._steps) if self._steps else 0.0
+        return sum(self._service) / len(self._service) + step
+
+    def admission_times(self, running: list[Sequence], now: float) -> Iterator[float]:
+        """Seconds from now until the 1st, 2nd, ... waiting request gets a place: each running
+        request frees its place after the rest of its hold time, and so does each admitted one.
+        Nothing when no request runs or the hold time is not measured yet."""
+        hold = self.hold_time()
+        if hold is None or not running:
+            return
+        # [places]: seconds until each place of the batch is free.
+        free = [hold if s.first_token_time is None else max(0.0, hold - (now - s.first_token_time))
+                for s in running]
+        heapq.heapify(free)
+        while True:
+            t = heapq.heappop(free)
+            yield t
+            heapq.heappush(free, t + hold)
 
     def refusals(self, waiting: deque[Sequence], running: list[Sequence], now: float,
                  estimate: bool) -> list[SloUnattainableError | None]:
-        """Walk the queue in order: a request whose wait so far plus the time for the batch to
-        free a place for it and each request kept ahead of it passes the SLO is refused; the
-        others are kept and served in order. A request that already streamed tokens (preempted)
-        is never refused. Without ``estimate`` (before admission) only requests already past the
-        SLO are."""
-        rate = self.rate(len(running)) if estimate else None
+        """Walk the queue in order: a request whose wait so far plus the time until a place
+        frees for it (after those kept ahead of it) passes the SLO is refused; the others are
+        kept and served in order. A request that already streamed tokens (preempted) is never
+        refused. Without ``estimate`` (before admission) only requests already past the SLO
+        are; with it, before anything was measured, likewise."""
+        if estimate:
+            if self._last_round is not None:
+                self._steps.append(now - self._last_round)
+            self._last_round = now
+        places = self.admission_times(running, now) if estimate else iter(())
         out: list[SloUnattainableError | None] = []
         ahead = 0
         for seq in waiting:
             if seq.first_token_time is not None:
                 out.append(None)
                 ahead += 1
+                next(places, None)
                 continue
             waited = now - seq.arrival
-            expected = waited + ((ahead + 1) / rate if rate else 0.0)
-            if expected > self.slo_s:
-                out.append(self._error(expected, ahead, rate))
+            wait = next(places, 0.0)
+            if waited + wait > self.slo_s:
+                out.append(self._error(waited + wait, ahead, wait))
+                places = itertools.chain([wait], places)  # the place goes to the next one
             else:
                 out.append(None)
                 ahead += 1
         return out
 
-    def _error(self, expected: float, ahead: int, rate: float | None) -> SloUnattainableError:
-        # Retry once the requests kept ahead have been admitted: ahead / rate seconds from now.
-        retry = max(1, math.ceil(ahead / rate)) if rate else 1
+    def _error(self, expected: float, ahead: int, wait: float) -> SloUnattainableError:
+        # Retry when the requests kept ahead have their places.
         return SloUnattainableError(
             f"The engine cannot produce the first token within the {self.slo_s:g} s SLO "
             f"(expected {expected:.1f} s with {ahead} requests ahead); the request was not "
-            "served. Retry later or on another replica.", retry_after_s=retry)
+            "served. Retry later or on another replica.", retry_after_s=max(1, math.ceil(wait)))
 
 
 class VtcPolicy(Policy):

@@ -123,7 +123,7 @@ async def start_generation(engine: EngineClient, metrics: ServerMetrics, request
                            prompt_tokens: int, tenant: str | None = None) -> Generation:
     """Submit a request and wait for its first output; engine errors (including an early abort
     before the first token) raise here, before any response is sent."""
-    tracker = metrics.track(model, prompt_tokens)
+    tracker = metrics.track(model, prompt_tokens, tenant)
     outputs = engine.generate(request_id, prompt, params, adapter_for(engine, model), tenant)
     g = Generation(engine, request_id, outputs, tracker)
     try:
