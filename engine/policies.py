@@ -218,6 +218,11 @@ class VtcPolicy(Policy):
 
     def order(self, waiting: deque[Sequence], running: list[Sequence]) -> Iterator[Sequence]:
         """Simulates VTC's picks: the smallest counter's next request, charged its prompt."""
+        if len(self._active) <= 1:
+            return iter(waiting)  # one tenant: queue order, without a pass over the queue
+        return self._fair_order(waiting)
+
+    def _fair_order(self, waiting: deque[Sequence]) -> Iterator[Sequence]:
         queues: dict[str, deque[Sequence]] = {}
         for seq in waiting:
             queues.setdefault(self.tenant(seq), deque()).append(seq)
@@ -245,10 +250,10 @@ def make_policy(config: EngineConfig) -> Policy:
     raise ValueError(f"unknown scheduling policy {name!r}; choose one of {', '.join(POLICIES)}")
 
 
-def upcoming_adapters(seqs: Iterable[Sequence], limit: int) -> list[Adapter]:
-    """The first ``limit`` distinct adapters of requests in the given order."""
+def upcoming_adapters(seqs: Iterable[Sequence], limit: int, scan: int) -> list[Adapter]:
+    """The first ``limit`` distinct adapters of the first ``scan`` requests in the given order."""
     out: dict[int, Adapter] = {}
-    for seq in seqs:
+    for seq in itertools.islice(seqs, scan):
         if seq.adapter is not None and seq.adapter.id not in out:
             out[seq.adapter.id] = seq.adapter
             if len(out) >= limit:

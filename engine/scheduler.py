@@ -17,6 +17,7 @@ from loraplane.engine.sequence import Sequence, Status
 log = logging.getLogger(__name__)
 
 PREFETCH_LIMIT = 64  # adapters of the queue, in admission order, handed to the cache's prefetch
+PREFETCH_SCAN = 1024  # waiting requests looked at for them (later ones are far off anyway)
 
 
 @dataclass
@@ -91,7 +92,8 @@ class Scheduler:
         self._admit(batch, budget)
         self._refuse(batch, now, estimate=True)
         self.policy.on_scheduled(batch.seqs, batch.num_new)
-        self.adapters.prefetch(upcoming_adapters(self._candidates(), PREFETCH_LIMIT))
+        self.adapters.prefetch(upcoming_adapters(self._candidates(), PREFETCH_LIMIT,
+                                                PREFETCH_SCAN))
         return batch
 
     def _refuse(self, batch: ScheduledBatch, now: float, estimate: bool) -> None:
