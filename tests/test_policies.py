@@ -4,6 +4,7 @@ processes for the HTTP answer of an early abort and the gateway's tenant header.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import deque
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, Phase, event, settings
+from hypothesis.stateful import invariant
 
 from loraplane.engine.config import LORA_MODULES, EngineConfig
 from loraplane.engine.engine import LLMEngine
@@ -19,6 +22,7 @@ from loraplane.engine.errors import SloUnattainableError
 from loraplane.engine.outputs import RequestOutput
 from loraplane.engine.policies import AbortPolicy, ClusterPolicy, Policy, VtcPolicy, make_policy
 from loraplane.engine.sampling_params import SamplingParams
+from loraplane.engine.scheduler import Scheduler
 from loraplane.engine.sequence import Sequence, Status
 from tests.gateway_procs import (
     ADMIN_TOKEN,
@@ -29,7 +33,7 @@ from tests.gateway_procs import (
     start_redis,
     wait_engine,
 )
-from tests.test_pool_properties import random_weights
+from tests.test_pool_properties import ENGINE, PoolMachine, random_weights
 
 PAGE_BYTES = 8192  # one pool page of the tiny model in float32 (block size 16)
 ADAPTER_PAGES = 8  # a rank-8 adapter on all seven projections of the tiny model
@@ -327,6 +331,31 @@ def test_prefetch_gets_the_queue_adapters_in_admission_order() -> None:
     # r0 (a0) runs; the cluster policy admits a0's r2 next, then the rest in queue order.
     assert calls == [["a0", "a2", "a3", "a1"]]
     run_until_idle(engine)
+
+
+class ClusterCapMachine(PoolMachine):
+    """The pool's state machine (random adapters, requests, aborts, unregistering) under the
+    cluster policy with a cap of two adapters per batch, and skips and starvation bounds small
+    enough to be hit: every page still has one owner, the cap holds, and all requests finish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = dataclasses.replace(ENGINE, scheduling_policy="cluster", max_adapters_per_batch=2,
+                                     admission_lookahead=2, max_passed_over=3)
+        self.scheduler = Scheduler(config, self.pool, self.cache)
+
+    @invariant()
+    def cap_holds(self) -> None:
+        assert len({s.adapter for s in self.scheduler.running if s.adapter is not None}) <= 2
+        passed = max((s.passed_over for s in self.scheduler.waiting), default=0)
+        event(f"most passed over: {min(passed, 3)}")  # coverage of the skip and starvation paths
+
+
+ClusterCapMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=60, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=[p for p in Phase if p is not Phase.explain])
+TestClusterCapPool = ClusterCapMachine.TestCase
 
 
 # ---- real processes ---------------------------------------------------------------------------
