@@ -113,9 +113,9 @@ class LLMEngine:
         self.eos_ids = tuple(parts.tokenizer.eos_token_ids) or parts.config.eos_token_ids
         self._stats = EngineStats()
         self._finished = Counter[str]()
-        log.info("engine ready: %s on %s/%s, pool %d pages x %.2f MiB, max_model_len %d",
-                 self.model_name, device, dtype, num_pages, layout.page_bytes(dtype) / 2**20,
-                 self.max_model_len)
+        log.info("engine ready: %s on %s/%s, pool %d pages x %.2f MiB, max_model_len %d, "
+                 "scheduling policy %s", self.model_name, device, dtype, num_pages,
+                 layout.page_bytes(dtype) / 2**20, self.max_model_len, self.scheduler.policy.name)
 
     @classmethod
     def from_spec(cls, model: str = "smollm2", *, device: str = "auto", dtype: str = "auto",

@@ -9,8 +9,9 @@ says, from the waiting queue, which request to try next, and keeps the accountin
   first, the others after them in queue order; with ``max_adapters_per_batch`` it bounds the
   distinct adapters of a batch.
 - ``abort`` (S-LoRA's early abort): queue order, but a request that can no longer get its first
-  token within the SLO, from its wait so far, its place in line and the measured admission rate, is
-  refused at once with ``SloUnattainableError`` instead of being served late.
+  token within the SLO, from its wait so far and when a place in the batch frees for it (after
+  those ahead; each request holds its place for the measured hold time), is refused at once with
+  ``SloUnattainableError`` instead of being served late.
 - ``vtc`` (virtual token counters, Sheng et al., "Fairness in Serving LLMs"): the waiting request
   of the tenant with the smallest counter of served tokens goes first; a tenant that becomes active
   starts at the smallest active counter, so idling banks no credit. With one tenant (or none named)
@@ -110,8 +111,8 @@ class AbortPolicy(Policy):
 
     def hold_time(self) -> float | None:
         """Seconds a request holds its place in the batch: from its first token to its finish,
-        plus the step that admits it and the one after its finish that admits the next; None
-        before any request has finished."""
+        plus one engine step (its prefill, or the wait for the round that admits the next);
+        None before any request has finished."""
         if not self._service:
             return None
         step = statistics.median(self._steps) if self._steps else 0.0

@@ -125,20 +125,21 @@ class Scheduler:
 
         A request whose adapter is over the batch's adapter cap, or that the adapter cache cannot
         serve this step (no room, or still loading), is skipped, and the ones behind it are tried,
-        up to ``admission_lookahead`` skips; a starving request is never skipped: nothing behind
-        it is admitted until it is. KV pages are not skipped over: a request that does not fit
-        stops admission (smaller ones behind it would keep it out forever).
+        until ``admission_lookahead`` distinct adapters were turned down (a popular adapter that
+        is loading does not use up the look-ahead); a starving request is never skipped: nothing
+        behind it is admitted until it is. KV pages are not skipped over: a request that does not
+        fit stops admission (smaller ones behind it would keep it out forever).
         """
         cfg = self.config
         in_batch = {s.adapter for s in self.running if s.adapter is not None}
-        refused: set[Adapter] = set()  # acquire() said no this round: not asked again
+        blocked: set[Adapter] = set()  # over the cap or refused by the cache, this round
         skipped: list[tuple[Sequence, int]] = []  # (request, admissions before it was skipped)
         admitted: list[Sequence] = []
         for seq in self._candidates():
             if (budget <= 0 or len(self.running) >= cfg.max_num_seqs
-                    or len(skipped) >= cfg.admission_lookahead):
+                    or len(blocked) >= cfg.admission_lookahead):
                 break
-            if not self._pin_adapter(seq, in_batch, refused):
+            if not self._pin_adapter(seq, in_batch, blocked):
                 if seq.passed_over >= cfg.max_passed_over:
                     break
                 skipped.append((seq, len(admitted)))
@@ -162,18 +163,18 @@ class Scheduler:
         if admitted:
             self._leave_queue(admitted, [s for s, before in skipped if before < len(admitted)])
 
-    def _pin_adapter(self, seq: Sequence, in_batch: set[Adapter], refused: set[Adapter]) -> bool:
-        """Pin the request's adapter if the batch's cap and the cache allow it this step."""
+    def _pin_adapter(self, seq: Sequence, in_batch: set[Adapter], blocked: set[Adapter]) -> bool:
+        """Pin the request's adapter if the batch's cap and the cache allow it this step; an
+        adapter turned down goes into ``blocked`` (the cache is asked once a round)."""
         adapter = seq.adapter
         if adapter is None:
             return True
+        if adapter in blocked:
+            return False
         cap = self.config.max_adapters_per_batch
-        if adapter not in in_batch and cap and len(in_batch) >= cap:
-            return False
-        if adapter in refused:
-            return False
-        if not self.adapters.acquire(adapter):
-            refused.add(adapter)
+        if (adapter not in in_batch and cap and len(in_batch) >= cap) \
+                or not self.adapters.acquire(adapter):
+            blocked.add(adapter)
             return False
         seq.holds_adapter = True
         return True

@@ -256,6 +256,21 @@ def test_a_stream_of_hot_requests_cannot_starve_a_cold_adapter(bound: int) -> No
     run_until_idle(engine)
 
 
+def test_many_requests_for_an_adapter_without_room_do_not_block_the_queue() -> None:
+    engine = engine_with(adapters=2, pool_pages=12, max_num_seqs=4)
+    engine.add_request("hot0", [5] * 4, params(8), "a0")
+    engine.step()  # a0 is resident and pinned: a1 has no room until hot0 ends
+    cold = [engine.add_request(f"cold{i}", [5] * 4, params(2), "a1") for i in range(100)]
+    hot = engine.add_request("hot1", [5] * 4, params(2), "a0")
+    assert len(cold) > engine.engine_config.admission_lookahead
+    engine.step()
+    # The look-ahead counts adapters turned down, not requests: hot1 goes past all 100.
+    assert hot.status is Status.RUNNING
+    assert all(s.status is Status.WAITING and s.passed_over == 1 for s in cold)
+    run_until_idle(engine)
+    assert all(s.finish_reason == "length" for s in cold)
+
+
 def test_early_abort_refuses_the_requests_that_would_miss_the_slo() -> None:
     clock = FakeClock()
     engine = engine_with(clock, scheduling_policy="abort", slo_first_token=6.0, max_num_seqs=1)
