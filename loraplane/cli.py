@@ -74,8 +74,8 @@ def add_policy_args(p: argparse.ArgumentParser, several: bool = False,
                                      "(0, the default: no cap)")
     p.add_argument("--slo-first-token", *slo_aliases, type=float, default=d.slo_first_token,
                    metavar="S",
-                   help=f"first-token SLO in seconds of the abort policy (default "
-                        f"{d.slo_first_token:g})")
+                   help=f"first-token SLO in seconds of the abort policy; `bench` also counts "
+                        f"attainment against it (default {d.slo_first_token:g})")
 
 
 def policy_config(args: argparse.Namespace) -> dict[str, Any]:
