@@ -133,6 +133,10 @@ class AdapterCache:
             self._dropping.remove(adapter)
             self._evict(adapter)
 
+    def prefetch(self, upcoming: list[Adapter]) -> None:
+        """Hint: the adapters the scheduler will admit next, in order (the tiers work loads them
+        ahead; adapters here are loaded on first use, so there is nothing to do yet)."""
+
     def make_room(self, pages: int) -> bool:
         """Evict idle resident adapters, least recently used first, until `pages` are free."""
         if self.pool.pages.num_free >= pages:

@@ -117,8 +117,10 @@ class AsyncEngine:
     # ---- requests -----------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       adapter: str | None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's output deltas; closing the iterator aborts the request."""
+                       adapter: str | None,
+                       tenant: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's output deltas; closing the iterator aborts the request. An error
+        the engine ends the request with (early abort) is raised instead of yielded."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
@@ -126,12 +128,15 @@ class AsyncEngine:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
         seq: Sequence = await self._call(
-            lambda: self.engine.add_request(request_id, prompt, params, adapter, on_output))
+            lambda: self.engine.add_request(request_id, prompt, params, adapter, on_output,
+                                            tenant))
         finished = False
         try:
             while not finished:
                 out = await outputs.get()
                 finished = out.finished
+                if out.error is not None:
+                    raise out.error
                 yield out
         finally:
             if not finished:

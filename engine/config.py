@@ -110,6 +110,9 @@ NAMED_SHAPES: dict[str, ModelConfig] = {
                         bos_token_id=1, eos_token_ids=(2,)),
 }
 
+# Admission policies of engine/policies.py.
+POLICIES: tuple[str, ...] = ("fcfs", "cluster", "abort", "vtc")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -132,3 +135,16 @@ class EngineConfig:
     max_graph_batch: int = 64
     # When set, adapter paths must resolve inside one of these folders.
     adapter_roots: tuple[str, ...] = ()
+    # Admission policy (engine/policies.py): fcfs, cluster, abort or vtc. VTC by default: it is
+    # FCFS while one tenant (or none) sends requests and fair between tenants when several do.
+    scheduling_policy: str = "vtc"
+    # Most distinct adapters in a running batch (S-LoRA's clustering); 0: no cap.
+    max_adapters_per_batch: int = 0
+    # First-token SLO in seconds of the `abort` policy.
+    slo_first_token: float = 6.0
+    # Waiting requests an admission round may skip (adapter loading or without room, adapter
+    # cap) before it stops looking further down the queue.
+    admission_lookahead: int = 64
+    # Admission rounds a request may be passed over before it goes first and nothing is admitted
+    # behind it until it is: the bound that keeps skipping and reordering from starving it.
+    max_passed_over: int = 32

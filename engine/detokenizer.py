@@ -54,6 +54,7 @@ def take_output(seq: Sequence, finished: bool) -> RequestOutput:
         finish_reason=seq.finish_reason if finished else None,
         prompt_tokens=len(seq.prompt_ids),
         completion_tokens=len(seq.output_ids),
+        error=seq.error if finished else None,
     )
     seq.sent_chars = upto
     seq.sent_tokens = len(seq.output_ids)

@@ -81,7 +81,8 @@ class LLMEngine:
     """Owns the model, the unified pool, the adapters and the scheduler; single-threaded."""
 
     def __init__(self, parts: EngineParts, engine_config: EngineConfig,
-                 lora_op: Callable[[DevicePool], LoraOp] | None = None) -> None:
+                 lora_op: Callable[[DevicePool], LoraOp] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.model = parts.model
         self.config = parts.config
         self.tokenizer = parts.tokenizer
@@ -96,7 +97,9 @@ class LLMEngine:
         make_op = lora_op or default_lora_op(device)
         self.lora: LoraState = apply_lora(parts.model, make_op(self.pool))
         self.runner = ModelRunner(parts.model, self.pool, self.lora)
-        self.scheduler = Scheduler(engine_config, self.pool, self.adapters)
+        # The clock of arrivals, first tokens and the policy (tests inject a fake one).
+        self.clock = clock
+        self.scheduler = Scheduler(engine_config, self.pool, self.adapters, clock=clock)
         pool_tokens = num_pages * layout.block_size
         limit = engine_config.max_model_len or parts.config.max_position_embeddings
         self.max_model_len = min(limit, parts.config.max_position_embeddings, pool_tokens)
@@ -110,13 +113,14 @@ class LLMEngine:
         self.eos_ids = tuple(parts.tokenizer.eos_token_ids) or parts.config.eos_token_ids
         self._stats = EngineStats()
         self._finished = Counter[str]()
-        log.info("engine ready: %s on %s/%s, pool %d pages x %.2f MiB, max_model_len %d",
-                 self.model_name, device, dtype, num_pages, layout.page_bytes(dtype) / 2**20,
-                 self.max_model_len)
+        log.info("engine ready: %s on %s/%s, pool %d pages x %.2f MiB, max_model_len %d, "
+                 "scheduling policy %s", self.model_name, device, dtype, num_pages,
+                 layout.page_bytes(dtype) / 2**20, self.max_model_len, self.scheduler.policy.name)
 
     @classmethod
     def from_spec(cls, model: str = "smollm2", *, device: str = "auto", dtype: str = "auto",
-                  engine_config: EngineConfig | None = None, name: str | None = None) -> LLMEngine:
+                  engine_config: EngineConfig | None = None, name: str | None = None,
+                  clock: Callable[[], float] = time.monotonic) -> LLMEngine:
         """Load a model spec (see loader.load_model) onto a device and build the engine."""
         from loraplane.engine.models.loader import load_model  # gguf/safetensors only here
 
@@ -128,7 +132,7 @@ class LLMEngine:
         built = build_model(loaded.config, loaded.weights, max_pos, dt, dev, seed=cfg.seed)
         del loaded.weights
         parts = EngineParts(built, loaded.config, loaded.tokenizer, name or loaded.config.name)
-        return cls(parts, cfg)
+        return cls(parts, cfg, clock=clock)
 
     def _pool_pages(self, layout: PoolLayout, dtype: torch.dtype, device: torch.device) -> int:
         page = layout.page_bytes(dtype)
@@ -149,8 +153,10 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     adapter: str | None = None,
-                    on_output: Callable[[RequestOutput], None] | None = None) -> Sequence:
-        """Validate and queue a request; errors are EngineError subclasses."""
+                    on_output: Callable[[RequestOutput], None] | None = None,
+                    tenant: str | None = None) -> Sequence:
+        """Validate and queue a request; errors are EngineError subclasses. ``tenant`` names
+        who asks, for the fair scheduling policy (the gateway authenticates it)."""
         params.validate()
         ad: Adapter | None = None
         if adapter is not None and adapter != self.model_name:
@@ -175,7 +181,8 @@ class LLMEngine:
                 f"{self.pool.pages.num_pages}", param="max_tokens")
         if len(self.scheduler.waiting) >= self.engine_config.max_waiting:
             raise OverloadedError("the engine's queue is full; retry later")
-        seq = Sequence(request_id, ids, params, ad, on_output=on_output)
+        seq = Sequence(request_id, ids, params, ad, tenant=tenant, arrival=self.clock(),
+                       on_output=on_output)
         self.scheduler.add(seq)
         return seq
 
@@ -192,15 +199,18 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns the output deltas produced (also sent to on_output)."""
         batch = self.scheduler.schedule()
+        outputs = []
+        for seq in batch.refused:  # early abort: the error reaches the caller in the output
+            seq.finish_reason = "abort"
+            outputs.append(self._finish(seq))
         if not len(batch):
-            return []
+            return outputs
         sampled, tokens, _ = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             seq.num_computed += n
         self._stats.last_batch_size = len(batch)
         self._stats.steps_total += 1
-        outputs = []
-        now = time.monotonic()
+        now = self.clock()
         for seq, tok in zip(sampled, tokens, strict=True):
             if seq.finished:
                 continue

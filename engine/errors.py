@@ -15,6 +15,11 @@ class EngineError(Exception):
         self.message = message
         self.param = param
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries (e.g. Retry-After)."""
+        return {}
+
 
 class BadRequestError(EngineError):
     status_code = 400
@@ -51,3 +56,19 @@ class EngineDeadError(EngineError):
     status_code = 503
     type = "server_error"
     code = "engine_dead"
+
+
+class SloUnattainableError(EngineError):
+    """Early abort: the request cannot get its first token within the SLO, so it is not served."""
+
+    status_code = 503
+    type = "server_error"
+    code = "slo_unattainable"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loraplane.engine.errors import EngineError
 
 
 @dataclass
@@ -16,6 +20,9 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Set when the engine refused the request before its first token (e.g. early abort):
+    # the caller raises it instead of answering.
+    error: EngineError | None = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from loraplane.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from loraplane.engine.adapter_cache import Adapter
+    from loraplane.engine.errors import EngineError
 
 
 class Status(enum.Enum):
@@ -31,6 +32,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: Adapter | None = None
+    tenant: str | None = None  # who asked (the gateway's tenant), for fair scheduling
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -39,6 +41,10 @@ class Sequence:
     holds_adapter: bool = False  # the adapter is pinned on this sequence's behalf
     generator: torch.Generator | None = None
     finish_reason: str | None = None
+    error: EngineError | None = None  # why the engine refused it (finish_reason "abort")
+    # Admission rounds in which a request behind it was admitted while it waited (the
+    # scheduler's starvation bound).
+    passed_over: int = 0
     # Detokenizer state: output text so far, what was sent, and the incremental decode window.
     text: str = ""
     sent_chars: int = 0

@@ -21,7 +21,7 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
@@ -29,6 +29,7 @@ import anyio
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from loraplane.engine.server.deps import TENANT_HEADER
 from loraplane.engine.server.errors import error_body
 from loraplane.gateway import routing
 from loraplane.gateway.cost import RequestShape, request_shape
@@ -86,6 +87,8 @@ class Ticket:
     reserved: int
     prompt_estimate: int
     served_as: str = ""  # as engines know it, once admitted
+    # Headers of the request to engines: JSON, and the tenant (for their fair scheduling).
+    upstream_headers: dict[str, str] = field(default_factory=lambda: JSON_HEADERS)
 
     def to_tenant(self, data: bytes, error: bool = False) -> tuple[bytes, Any]:
         """An engine's JSON answer with the model named as the tenant named it; its JSON."""
@@ -111,6 +114,12 @@ def retry_elsewhere(status: int, data: bytes) -> bool:
         return bool(json.loads(data)["error"]["code"] == "model_not_found")
     except (ValueError, KeyError, TypeError):
         return False
+
+
+def relayed_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
+    """The engine's headers a client sees too: Retry-After (e.g. of an early-abort 503)."""
+    retry = resp.headers.get("Retry-After")
+    return {"retry-after": retry} if retry is not None else {}
 
 
 class Proxy:
@@ -146,6 +155,7 @@ class Proxy:
         headers = ratelimit_headers(admission)
         self._check(admission, shape.model, headers)
         ticket.tenant = admission.tenant
+        ticket.upstream_headers = {**JSON_HEADERS, TENANT_HEADER: admission.tenant}
         ticket.served_as = admission.engine_name or shape.model
         engine_adapter = ticket.served_as if adapter is not None else None
         candidates = routing.rank(engine_adapter, self._replicas_for(shape.model, adapter),
@@ -182,17 +192,17 @@ class Proxy:
 
     async def _unary(self, receive: Receive, path: str, raw: bytes, candidates: list[Replica],
                      ticket: Ticket, headers: dict[str, str]) -> Response:
-        async def attempt() -> tuple[int, str, bytes]:
+        async def attempt() -> tuple[int, str, bytes, dict[str, str]]:
             for i, r in enumerate(candidates):
                 r.in_flight += 1
                 try:
                     async with r.session.post(r.base + path, data=raw,
-                                              headers=JSON_HEADERS) as resp:
+                                              headers=ticket.upstream_headers) as resp:
                         data = await resp.read()
                     if i + 1 < len(candidates) and retry_elsewhere(resp.status, data):
                         self._missed(r, ticket, resp.status)
                         continue
-                    return resp.status, resp.content_type, data
+                    return resp.status, resp.content_type, data, relayed_headers(resp)
                 except _UPSTREAM_ERRORS as e:
                     self.fleet.mark_down(r, f"{type(e).__name__}: {e}")
                     self.metrics.retries.inc()
@@ -204,13 +214,14 @@ class Proxy:
         if result is None:
             self.settle(ticket, None)
             return Response(status_code=CLIENT_GONE)
-        status, content_type, data = result
+        status, content_type, data, engine_headers = result
         data, answer = ticket.to_tenant(data, error=status != 200)
         usage: dict[str, Any] | None = None
         if status == 200:
             usage = (answer.get("usage") if isinstance(answer, dict) else None) or {}
         self.settle(ticket, usage)
-        return Response(data, status_code=status, media_type=content_type, headers=headers)
+        return Response(data, status_code=status, media_type=content_type,
+                        headers={**engine_headers, **headers})
 
     async def _stream(self, path: str, raw: bytes, candidates: list[Replica], ticket: Ticket,
                       shape: RequestShape, headers: dict[str, str]) -> Response:
@@ -219,7 +230,8 @@ class Proxy:
             resp: aiohttp.ClientResponse | None = None
             handed_off = False
             try:
-                resp = await r.session.post(r.base + path, data=raw, headers=JSON_HEADERS)
+                resp = await r.session.post(r.base + path, data=raw,
+                                            headers=ticket.upstream_headers)
                 if resp.status == 200:
                     first = await resp.content.readuntil(b"\n\n", max_size=MAX_EVENT_BYTES)
                     if not first:
@@ -233,7 +245,8 @@ class Proxy:
                     continue
                 self.settle(ticket, None)
                 return Response(ticket.to_tenant(data, error=True)[0], status_code=resp.status,
-                                media_type=resp.content_type, headers=headers)
+                                media_type=resp.content_type,
+                                headers={**relayed_headers(resp), **headers})
             except _UPSTREAM_ERRORS as e:
                 self.fleet.mark_down(r, f"{type(e).__name__}: {e}")
                 self.metrics.retries.inc()

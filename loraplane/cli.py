@@ -47,8 +47,47 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="max prompt + completion tokens (default: the model's context)")
     p.add_argument("--max-lora-rank", type=int, default=256, help="refuse adapters above this")
+    add_policy_args(p)
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="log verbosity")
+
+
+POLICY_HELP = """admission policy: fcfs (arrival order); cluster (S-LoRA adapter clustering:
+requests for adapters the batch already runs first); abort (S-LoRA early abort: refuse at once,
+with a 503 slo_unattainable, requests that cannot get their first token within
+--slo-first-token); vtc (default: fair between tenants by virtual token counters; it is fcfs while
+one tenant, or none, sends requests, so it costs nothing without the gateway, and early abort
+stays off because refusing requests is an SLO decision the operator makes)"""
+
+
+def add_policy_args(p: argparse.ArgumentParser, several: bool = False,
+                    slo_aliases: tuple[str, ...] = ()) -> None:
+    """Flags of the scheduling policy (``several``: a list, for benchmarks comparing them)."""
+    from loraplane.engine.config import POLICIES, EngineConfig
+
+    d = EngineConfig()
+    p.add_argument("--scheduling-policy", choices=POLICIES, nargs="+" if several else None,
+                   default=[d.scheduling_policy] if several else d.scheduling_policy,
+                   help=POLICY_HELP + ("; several run one after the other" if several else ""))
+    p.add_argument("--max-adapters-per-batch", type=int, default=d.max_adapters_per_batch,
+                   metavar="N", help="most distinct adapters in a running batch, any policy "
+                                     "(0, the default: no cap)")
+    p.add_argument("--slo-first-token", *slo_aliases, type=float, default=d.slo_first_token,
+                   metavar="S",
+                   help=f"first-token SLO in seconds of the abort policy; `bench` also counts "
+                        f"attainment against it (default {d.slo_first_token:g})")
+
+
+def policy_config(args: argparse.Namespace) -> dict[str, Any]:
+    """EngineConfig fields of the policy flags (one policy: the first when several)."""
+    if args.max_adapters_per_batch < 0:
+        raise SystemExit("--max-adapters-per-batch must be 0 (no cap) or positive")
+    if not args.slo_first_token > 0:
+        raise SystemExit("--slo-first-token must be positive")
+    policy = args.scheduling_policy
+    return {"scheduling_policy": policy[0] if isinstance(policy, list) else policy,
+            "max_adapters_per_batch": args.max_adapters_per_batch,
+            "slo_first_token": args.slo_first_token}
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -76,6 +115,7 @@ def _run_engine_server(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         max_lora_rank=args.max_lora_rank,
         adapter_roots=tuple(args.allowed_adapter_dir),
+        **policy_config(args),
     )
     try:
         engine = LLMEngine.from_spec(args.model, device=args.device, dtype=args.dtype,

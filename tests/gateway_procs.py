@@ -86,12 +86,13 @@ def start_redis(folder: Path) -> tuple[Proc, str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-def start_engine(folder: Path, name: str) -> tuple[Proc, str]:
-    """A `loraplane engine` with the tiny random model on CPU (call ``wait_engine`` after)."""
+def start_engine(folder: Path, name: str, extra: list[str] | None = None) -> tuple[Proc, str]:
+    """A `loraplane engine` with the tiny random model on CPU, with ``extra`` flags (call
+    ``wait_engine`` after)."""
     port = free_port()
     proc = Proc(name, [sys.executable, "-m", "loraplane.cli", "engine", "--model", "random:tiny",
                        "--port", str(port), "--device", "cpu", "--pool-memory", "0.05",
-                       "--served-model-name", "tiny", "--log-level", "warning"],
+                       "--served-model-name", "tiny", "--log-level", "warning", *(extra or [])],
                 folder / f"{name}.log")
     return proc, f"http://127.0.0.1:{port}"
 

@@ -1,4 +1,4 @@
-"""`loraplane bench` end to end on the tiny random model on CPU (three runs side by side)."""
+"""`loraplane bench` end to end on the tiny random model on CPU (four runs side by side)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ RUNS = {
     "lora": ["--num-adapters", "5"],
     "base": ["--num-adapters", "0"],
     "peft": ["--num-adapters", "5", "--ranks", "2", "4", "--baseline", "peft"],
+    "sweep": ["--num-adapters", "3", "--scheduling-policy", "fcfs", "abort", "--cv-sweep", "1",
+              "4"],
 }
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    """Start the three runs at once (each spends most of its time importing), then read them."""
+    """Start the four runs at once (each spends most of its time importing), then read them."""
     procs = {}
     for name, extra in RUNS.items():
         out = tmp_path_factory.mktemp(name)
@@ -80,6 +82,17 @@ def test_peft_baseline(results: dict[str, dict]) -> None:
     _check_summary(peft, 12)
     assert peft["output_tokens"] == ours["output_tokens"]
     assert rec["ratios"]["req_per_s_vs_peft"] > 0
+
+
+def test_policy_and_cv_sweep_in_one_run(results: dict[str, dict]) -> None:
+    rec = results["sweep"]
+    c = rec["config"]
+    assert c["scheduling_policies"] == ["fcfs", "abort"] and c["cv_sweep"] == [1.0, 4.0]
+    assert list(rec["results"]) == ["fcfs cv=1", "fcfs cv=4", "abort cv=1", "abort cv=4"]
+    for r in rec["results"].values():
+        _check_summary(r, 12)  # nothing is refused when every request makes the SLO
+        assert r["num_refused"] == 0 and r["aborted_share"] == 0.0
+    assert rec["results"]["abort cv=4"]["scheduling_policy"] == "abort"
 
 
 def test_rank_above_limit_is_refused(tmp_path: Path) -> None:

@@ -83,7 +83,8 @@ class FakeEngine:
         self.shut_down = True
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       adapter: str | None) -> AsyncIterator[RequestOutput]:
+                       adapter: str | None,
+                       tenant: str | None = None) -> AsyncIterator[RequestOutput]:
         if adapter is not None and adapter not in self.adapters:
             raise ModelNotFoundError(f"no model {adapter}", param="model")
         params.validate()

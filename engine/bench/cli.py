@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import logging
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from loraplane.cli import add_policy_args, policy_config
 from loraplane.engine.bench.workload import SETTINGS, WorkloadSpec, adapter_ranks, make_trace
 from loraplane.engine.config import LORA_MODULES, EngineConfig
 
@@ -18,7 +20,10 @@ log = logging.getLogger(__name__)
 HELP = """Replay the S-LoRA synthetic workload (Gamma arrivals, power-law adapter popularity,
 uniform lengths, forced output length, ranks round-robin) against the engine in this process;
 print throughput, first-token latency and SLO attainment, and write JSON. --baseline peft runs
-the same requests through HF transformers + PEFT afterwards, in the same process."""
+the same requests through HF transformers + PEFT afterwards, in the same process. Several
+--scheduling-policy values and --cv-sweep replay one trace per (policy, cv) on the same engine
+and print one table (e.g. S-LoRA's early abort vs FCFS under overload:
+--scheduling-policy fcfs abort --cv-sweep 1 2 4 8)."""
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -36,6 +41,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=10.0, help="arrival rate, requests/s")
     p.add_argument("--cv", type=float, default=1.0,
                    help="coefficient of variation of inter-arrival times (1: Poisson)")
+    p.add_argument("--cv-sweep", type=float, nargs="+", default=None, metavar="CV",
+                   help="replay one trace per cv (instead of --cv), one table")
     p.add_argument("--alpha", type=float, default=1.0,
                    help="adapter popularity numpy.random.power(alpha): 1 uniform, < 1 skewed")
     p.add_argument("--round-robin-adapters", action="store_true",
@@ -44,7 +51,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="queue every request at t=0 (throughput at saturation)")
     p.add_argument("--input-range", type=int, nargs=2, default=[8, 512], metavar=("LO", "HI"))
     p.add_argument("--output-range", type=int, nargs=2, default=[8, 512], metavar=("LO", "HI"))
-    p.add_argument("--slo", type=float, default=6.0, help="first-token SLO in seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sets-per-rank", type=int, default=8,
                    help="distinct random weight sets per rank that adapters share on the host")
@@ -55,6 +61,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-lora-rank", type=int, default=256)
+    # The engine's own policy flags; --slo-first-token (alias --slo) is also the SLO that
+    # attainment is counted against.
+    add_policy_args(p, several=True, slo_aliases=("--slo",))
     p.add_argument("--baseline", default="none", choices=["none", "peft"],
                    help="peft: also run the same requests through HF transformers + PEFT")
     p.add_argument("--peft-batch-size", type=int, default=32,
@@ -65,6 +74,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace, ranks: tuple[int, ...]) -> None:
+    if args.baseline == "peft" and (args.cv_sweep or len(args.scheduling_policy) > 1):
+        raise SystemExit("--baseline peft runs with one policy and one cv")
     for name in ("num_requests", "max_num_seqs", "max_num_batched_tokens", "sets_per_rank",
                  "peft_batch_size"):
         if getattr(args, name) < 1:
@@ -85,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from loraplane.engine.bench.driver import replay, warm_up
     from loraplane.engine.bench.metrics import decode_steps, summarize
     from loraplane.engine.engine import LLMEngine
+    from loraplane.engine.policies import make_policy
 
     setting = SETTINGS[args.setting]
     ranks = tuple(args.ranks or setting.ranks)
@@ -93,15 +105,17 @@ def run(args: argparse.Namespace) -> int:
     spec = WorkloadSpec(args.num_requests, args.num_adapters, args.rate, args.cv, args.alpha,
                         tuple(args.input_range), tuple(args.output_range),
                         args.round_robin_adapters, args.seed)
+    cvs = args.cv_sweep or [args.cv]
     try:
-        trace = make_trace(spec)
+        traces = {cv: make_trace(dataclasses.replace(spec, cv=cv)) for cv in cvs}
     except ValueError as e:
         raise SystemExit(f"loraplane bench: {e}") from None
+    trace = traces[cvs[0]]
     cfg = EngineConfig(
         pool_bytes=int(args.pool_memory * 2**30) if args.pool_memory else None,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_lora_rank=args.max_lora_rank, max_waiting=max(4096, args.num_requests),
-        seed=args.seed)
+        seed=args.seed, **policy_config(args))
     t = time.monotonic()
     try:
         engine = LLMEngine.from_spec(model_spec, device=args.device, dtype=args.dtype,
@@ -120,12 +134,22 @@ def run(args: argparse.Namespace) -> int:
     names = register(engine, sets, ranks_of) if sets is not None else []
     adapters_s = time.monotonic() - t
     warm_up(engine, sets, args.seed)
-    played = replay(engine, trace, names, saturate=args.saturate, seed=args.seed)
-    stats = engine.stats()
-    results = {"loraplane": {
-        **summarize(played.records, args.slo), **decode_steps(played.steps),
-        "preemptions": played.preemptions, "adapters_resident_at_end": stats.adapters_resident,
-        "pool_pages": stats.pool_pages_total, "page_bytes": stats.page_bytes}}
+    runs = [(policy, cv) for policy in args.scheduling_policy for cv in cvs]
+    results: dict[str, dict] = {}
+    for policy, cv in runs:
+        # Each run starts from the same state: the policy's own, and no adapter resident.
+        engine.scheduler.set_policy(make_policy(
+            dataclasses.replace(cfg, scheduling_policy=policy)))
+        engine.adapters.make_room(engine.pool.pages.num_pages)
+        played = replay(engine, traces[cv], names, saturate=args.saturate, seed=args.seed)
+        stats = engine.stats()
+        key = "loraplane" if len(runs) == 1 else f"{policy} cv={cv:g}"
+        results[key] = {
+            "scheduling_policy": policy, "cv": cv,
+            **summarize(played.records, args.slo_first_token), **decode_steps(played.steps),
+            "preemptions": played.preemptions, "adapters_resident_at_end":
+                stats.adapters_resident, "pool_pages": stats.pool_pages_total,
+            "page_bytes": stats.page_bytes}
     pool_gib = stats.pool_pages_total * stats.page_bytes / 2**30
 
     if args.baseline == "peft":
@@ -140,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         records = run_peft(model, trace, names, batch_size=args.peft_batch_size,
                            saturate=args.saturate, seed=args.seed,
                            vocab_size=model_cfg.vocab_size, device=device)
-        results["peft"] = summarize(records, args.slo)
+        results["peft"] = summarize(records, args.slo_first_token)
 
     record = {
         "benchmark": "loraplane bench",
@@ -156,9 +180,12 @@ def run(args: argparse.Namespace) -> int:
             "weight_sets_per_rank": args.sets_per_rank if sets is not None else None,
             "adapter_host_gib": round(sets.host_bytes / 2**30, 3) if sets is not None else 0,
             "num_requests": args.num_requests, "saturate": args.saturate, "rate": args.rate,
-            "cv": args.cv, "alpha": args.alpha, "round_robin_adapters": args.round_robin_adapters,
+            "cv": args.cv, "cv_sweep": args.cv_sweep,
+            "scheduling_policies": args.scheduling_policy,
+            "max_adapters_per_batch": args.max_adapters_per_batch, "alpha": args.alpha,
+            "round_robin_adapters": args.round_robin_adapters,
             "input_range": list(args.input_range), "output_range": list(args.output_range),
-            "slo_s": args.slo, "seed": args.seed, "max_num_seqs": args.max_num_seqs,
+            "slo_s": args.slo_first_token, "seed": args.seed, "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens, "pool_gib": round(pool_gib, 3),
             "baseline": args.baseline,
             "peft_batch_size": args.peft_batch_size if args.baseline == "peft" else None,

@@ -102,6 +102,7 @@ def replay(engine: LLMEngine, trace: list[Request], names: list[str], *, saturat
                 rec.first_token = seq.first_token_time
                 rec.finish = end
                 rec.tokens = out.completion_tokens
+                rec.refused = out.error is not None
                 bar.update(1)
     bar.close()
     return Replay(records, steps, sched.num_preemptions - preempted_before)

@@ -17,6 +17,7 @@ class RequestRecord:
     first_token: float | None = None
     finish: float | None = None
     tokens: int = 0  # output tokens produced
+    refused: bool = False  # the policy refused it before its first token (early abort)
 
 
 def _ms(values: list[float], q: float) -> float:
@@ -26,8 +27,10 @@ def _ms(values: list[float], q: float) -> float:
 def summarize(records: list[RequestRecord], slo_s: float) -> dict:
     """Throughput over the busy interval, first-token latency p50/p99 and SLO attainment."""
     done = [r for r in records if r.finish is not None and r.first_token is not None]
+    refused = sum(r.refused for r in records)
     if not done:
-        return {"num_finished": 0}
+        return {"num_finished": 0, "num_refused": refused,
+                "aborted_share": round(refused / max(len(records), 1), 4)}
     start = min(r.arrival for r in records)
     end = max(r.finish for r in done if r.finish is not None)
     busy = max(end - start, 1e-9)
@@ -49,8 +52,10 @@ def summarize(records: list[RequestRecord], slo_s: float) -> dict:
         "latency_ms_p50": _ms(latency, 50),
         "latency_ms_p99": _ms(latency, 99),
         "slo_s": slo_s,
-        # Every request counts: one that never finished missed its SLO.
+        # Every request counts: one that never finished, or was refused, missed its SLO.
         "slo_attainment": round(sum(t <= slo_s for t in ttft) / len(records), 4),
+        "num_refused": refused,
+        "aborted_share": round(refused / len(records), 4),
     }
 
 

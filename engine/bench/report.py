@@ -13,6 +13,10 @@ from pathlib import Path
 
 import torch
 
+from loraplane.engine.config import EngineConfig
+
+DEFAULT_POLICY = EngineConfig().scheduling_policy
+
 
 def _cpu_name() -> str:
     try:
@@ -57,16 +61,17 @@ def versions() -> dict:
 COLUMNS = [("req/s", "req_per_s", "{:.3f}"), ("out tok/s", "output_tokens_per_s", "{:.1f}"),
            ("TTFT p50 ms", "first_token_ms_p50", "{:.1f}"),
            ("TTFT p99 ms", "first_token_ms_p99", "{:.1f}"), ("SLO", "slo_attainment", "{:.1%}"),
+           ("aborted", "aborted_share", "{:.1%}"),
            ("decode ms p50", "decode_step_ms_p50", "{:.2f}")]
 
 
 def table(results: dict[str, dict]) -> str:
     """One row per system, the headline metrics as columns."""
-    head = f"{'system':<12}" + "".join(f"{c:>15}" for c, _, _ in COLUMNS)
+    head = f"{'system':<18}" + "".join(f"{c:>15}" for c, _, _ in COLUMNS)
     rows = [head]
     for system, r in results.items():
         cells = "".join(f"{fmt.format(r[k]) if k in r else '-':>15}" for _, k, fmt in COLUMNS)
-        rows.append(f"{system:<12}{cells}")
+        rows.append(f"{system:<18}{cells}")
     return "\n".join(rows)
 
 
@@ -79,6 +84,11 @@ def write(record: dict, out_dir: Path) -> Path:
     m = record["machine"]
     c = record["config"]
     mode = "sat" if c["saturate"] else f"rate{c['rate']:g}"
+    if c.get("cv_sweep"):
+        mode += "-cv" + "-".join(f"{cv:g}" for cv in c["cv_sweep"])
+    policies = c.get("scheduling_policies") or []
+    if policies and policies != [DEFAULT_POLICY]:
+        mode += "-" + "-".join(policies)
     base = (f"bench-{record['date'][:10]}-{_slug(m.get('gpu') or m['cpu'])[:32]}-{c['setting']}"
             f"-n{c['num_adapters']}-{mode}" + ("-peft" if c["baseline"] == "peft" else ""))
     out_dir.mkdir(parents=True, exist_ok=True)

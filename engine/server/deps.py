@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Protocol
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
+from loraplane.engine.errors import BadRequestError
 from loraplane.engine.outputs import AdapterInfo, EngineStats, RequestOutput
 from loraplane.engine.sampling_params import SamplingParams
 from loraplane.engine.server.metrics import ServerMetrics
@@ -30,7 +31,8 @@ class EngineClient(Protocol):
 
     # An async generator in the real engine; the server closes it with aclose().
     def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                 adapter: str | None) -> AsyncIterator[RequestOutput]: ...
+                 adapter: str | None, tenant: str | None = None) -> AsyncIterator[RequestOutput]:
+        ...
 
     async def abort(self, request_id: str) -> None: ...
 
@@ -57,5 +59,23 @@ def get_metrics(request: Request) -> ServerMetrics:
     return metrics
 
 
+# The tenant a request is for, set by the gateway (which authenticated it); the engine trusts
+# it only for scheduling fairness, so a checked string is all it needs.
+TENANT_HEADER = "x-loraplane-tenant"
+MAX_TENANT_CHARS = 253
+
+
+def get_tenant(x_loraplane_tenant: Annotated[str | None, Header()] = None) -> str | None:
+    """The request's tenant from its header; None without one."""
+    t = x_loraplane_tenant
+    if t is None or t == "":
+        return None
+    if len(t) > MAX_TENANT_CHARS or not all("!" <= c <= "~" for c in t):
+        raise BadRequestError(f"the {TENANT_HEADER} header must be 1 to {MAX_TENANT_CHARS} "
+                              "printable ASCII characters without spaces", param=TENANT_HEADER)
+    return t
+
+
 EngineDep = Annotated[EngineClient, Depends(get_engine)]
+TenantDep = Annotated[str | None, Depends(get_tenant)]
 MetricsDep = Annotated[ServerMetrics, Depends(get_metrics)]

@@ -51,7 +51,7 @@ def _count(request: Request, code: str) -> None:
 async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, EngineError)
     _count(request, exc.code or exc.type)
-    return JSONResponse(engine_error_body(exc), status_code=exc.status_code)
+    return JSONResponse(engine_error_body(exc), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -120,12 +120,12 @@ class Generation:
 
 async def start_generation(engine: EngineClient, metrics: ServerMetrics, request_id: str,
                            prompt: str | list[int], params: SamplingParams, model: str,
-                           prompt_tokens: int) -> Generation:
-    """Submit a request and wait for its first output; engine errors raise here, before any
-    response is sent."""
-    tracker = metrics.track(model, prompt_tokens)
-    g = Generation(engine, request_id,
-                   engine.generate(request_id, prompt, params, adapter_for(engine, model)), tracker)
+                           prompt_tokens: int, tenant: str | None = None) -> Generation:
+    """Submit a request and wait for its first output; engine errors (including an early abort
+    before the first token) raise here, before any response is sent."""
+    tracker = metrics.track(model, prompt_tokens, tenant)
+    outputs = engine.generate(request_id, prompt, params, adapter_for(engine, model), tenant)
+    g = Generation(engine, request_id, outputs, tracker)
     try:
         g.first = await anext(g.outputs)
     except StopAsyncIteration:

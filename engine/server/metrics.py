@@ -16,6 +16,9 @@ logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40)
+# Tenants with a series of their own; later ones share "other" (the header is not authenticated
+# here, so its values must not grow the registry without bound).
+MAX_TENANT_SERIES = 1024
 
 
 class EngineCollector(Collector):
@@ -75,19 +78,33 @@ class ServerMetrics:
         self.ttft = Histogram("loraplane_time_to_first_token_seconds",
                               "Arrival to first generated token.",
                               buckets=_TTFT_BUCKETS, registry=self.registry)
+        self.tenant_tokens = Counter("loraplane_tenant_tokens",
+                                     "Prompt and completion tokens served per tenant (the "
+                                     "gateway's x-loraplane-tenant header).", ["tenant"],
+                                     registry=self.registry)
+        self._tenants: set[str] = set()
         self.registry.register(EngineCollector(stats))
 
-    def track(self, model: str, prompt_tokens: int) -> RequestTracker:
+    def track(self, model: str, prompt_tokens: int, tenant: str | None = None) -> RequestTracker:
         """Start timing one request, now."""
-        return RequestTracker(self, model, prompt_tokens)
+        return RequestTracker(self, model, prompt_tokens, tenant)
+
+    def tenant_label(self, tenant: str) -> str:
+        """The tenant's own label, or "other" once MAX_TENANT_SERIES tenants have one."""
+        if tenant not in self._tenants and len(self._tenants) >= MAX_TENANT_SERIES:
+            return "other"
+        self._tenants.add(tenant)
+        return tenant
 
 
 class RequestTracker:
     """Times one request and records it once, when it finishes or is cut off."""
 
-    def __init__(self, metrics: ServerMetrics, model: str, prompt_tokens: int) -> None:
+    def __init__(self, metrics: ServerMetrics, model: str, prompt_tokens: int,
+                 tenant: str | None = None) -> None:
         self.metrics = metrics
         self.model = model
+        self.tenant = tenant
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self.start = time.monotonic()
@@ -115,3 +132,6 @@ class RequestTracker:
         m.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
         m.generation_tokens.labels(self.model).inc(self.completion_tokens)
         m.latency.observe(time.monotonic() - self.start)
+        if self.tenant is not None:
+            m.tenant_tokens.labels(m.tenant_label(self.tenant)).inc(
+                self.prompt_tokens + self.completion_tokens)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request, Response
 
 from loraplane.engine.errors import BadRequestError
-from loraplane.engine.server.deps import EngineDep, MetricsDep
+from loraplane.engine.server.deps import EngineDep, MetricsDep, TenantDep
 from loraplane.engine.server.generation import (
     CLIENT_GONE,
     Generation,
@@ -63,7 +63,8 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(req: ChatCompletionRequest, request: Request, engine: EngineDep,
-                                 metrics: MetricsDep) -> ChatCompletionResponse | Response:
+                                 metrics: MetricsDep,
+                                 tenant: TenantDep) -> ChatCompletionResponse | Response:
     """Reply to a conversation, as one JSON response or as a stream of chunks."""
     check_supported(req)
     messages = template_messages(req.messages)
@@ -79,7 +80,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, e
 
     async def start() -> Generation:
         return await start_generation(engine, metrics, request_id, prompt, params, req.model,
-                                      prompt_tokens)
+                                      prompt_tokens, tenant)
 
     if req.stream:
         g = await until_disconnect(request, start)

@@ -10,7 +10,7 @@ from typing import cast
 from fastapi import APIRouter, Request, Response
 
 from loraplane.engine.errors import BadRequestError
-from loraplane.engine.server.deps import EngineClient, EngineDep, MetricsDep
+from loraplane.engine.server.deps import EngineClient, EngineDep, MetricsDep, TenantDep
 from loraplane.engine.server.generation import (
     CLIENT_GONE,
     Generation,
@@ -55,7 +55,8 @@ def prompt_of(req: CompletionRequest, engine: EngineClient) -> tuple[str | list[
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(req: CompletionRequest, request: Request, engine: EngineDep,
-                            metrics: MetricsDep) -> CompletionResponse | Response:
+                            metrics: MetricsDep,
+                            tenant: TenantDep) -> CompletionResponse | Response:
     """Complete a prompt, as one JSON response or as a stream of events."""
     prompt, prompt_tokens = prompt_of(req, engine)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
@@ -64,7 +65,7 @@ async def create_completion(req: CompletionRequest, request: Request, engine: En
 
     async def start() -> Generation:
         return await start_generation(engine, metrics, request_id, prompt, params, req.model,
-                                      prompt_tokens)
+                                      prompt_tokens, tenant)
 
     if req.stream:
         g = await until_disconnect(request, start)
