@@ -168,7 +168,13 @@ def main() -> None:
     if args.eager:
         runs = ((1, 0, 0, False, False),) + runs
     for batch, n, r, graphs, sampled in runs:
-        res["decode"].append(decode_steps(dev, batch, n, r, graphs, sampled))
+        try:
+            res["decode"].append(decode_steps(dev, batch, n, r, graphs, sampled))
+        except Exception as e:  # record and go on: one device call holds all the runs
+            res.setdefault("errors", []).append(f"{batch}/{n}/{r}: {e!r}")
+            print("FAILED", batch, n, r, repr(e), flush=True)
+            torch.cuda.empty_cache()
+            continue
         print(res["decode"][-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gpu-smoke-h200-{res['date']}{args.tag}.json"

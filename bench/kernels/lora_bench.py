@@ -40,7 +40,8 @@ EXPAND_SWEEP = [dict(block_n=bn, num_warps=w, num_stages=st)
 
 
 def shrink_expand(x: torch.Tensor, y: torch.Tensor, pool_layer: torch.Tensor,
-                  meta: LoraKernelMeta, module: str, chunk: int, cpp: int, split: int) -> None:
+                  meta: LoraKernelMeta, module: str, chunk: int, cpp: int,
+                  split: int | None) -> None:
     """One projection's LoRA term with the kernels, as the engine runs it."""
     s = lora_shrink(x, pool_layer, meta, module, chunk, cpp, 16, split)
     lora_expand(s, y, pool_layer, meta, module, chunk, cpp, 16)
@@ -48,9 +49,9 @@ def shrink_expand(x: torch.Tensor, y: torch.Tensor, pool_layer: torch.Tensor,
 
 def separate_shrinks(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
                      modules: tuple[str, ...], chunk: int, cpp: int) -> None:
-    """One shrink launch per module, as before the fused shrink."""
+    """One shrink launch per module (default launch parameters), as before the fused shrink."""
     for m in modules:
-        lora_shrink(x, pool_layer, meta, m, chunk, cpp, 16, 8)
+        lora_shrink(x, pool_layer, meta, m, chunk, cpp, 16)
 
 
 def best_config(fn, configs: list[dict]) -> tuple[dict, float]:  # type: ignore[no-untyped-def]
@@ -89,7 +90,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--split-k", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--split-k", type=int, nargs="+", default=[0],
+                    help="split-K factors to time; 0: the kernel's own choice")
     ap.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
@@ -133,7 +135,7 @@ def main() -> None:
                                 lay.chunks_per_page)
                 bytes_moved = batch * rank * (fi + fo) * 2 + batch * (fi + 2 * fo) * 2
                 best = None
-                for split in args.split_k:
+                for split in [sk or None for sk in args.split_k]:
                     got_s = lora_shrink(x, pool.data[0], meta, module, lay.chunk,
                                         lay.chunks_per_page, 16, split)
                     got_y = y0.clone()
@@ -164,9 +166,10 @@ def main() -> None:
                                  3)}
                 if module == "q_proj":
                     qkv = ("q_proj", "k_proj", "v_proj")
-                    fused_us = time_graph(functools.partial(
+                    fused = {sk or "auto": round(time_graph(functools.partial(
                         lora_shrink, x, pool.data[0], meta, qkv, lay.chunk,
-                        lay.chunks_per_page, 16, 8))
+                        lay.chunks_per_page, 16, sk or None)), 2) for sk in (0, 2, 4, 8, 16)}
+                    fused_us = fused["auto"]
                     apart_us = time_graph(functools.partial(
                         separate_shrinks, x, pool.data[0], meta, qkv, lay.chunk,
                         lay.chunks_per_page))
@@ -184,6 +187,7 @@ def main() -> None:
                 if module == "q_proj":
                     rows[-1]["qkv_shrink_fused_us"] = round(fused_us, 2)
                     rows[-1]["qkv_shrink_separate_us"] = round(apart_us, 2)
+                    rows[-1]["qkv_shrink_fused_us_by_split"] = fused
                 print(rows[-1], flush=True)
     name = torch.cuda.get_device_name()
     out = {"benchmark": "lora_kernels", "date": datetime.date.today().isoformat(),
@@ -210,7 +214,8 @@ def main() -> None:
                   r["sweep"]["expand_us"])
         if "qkv_shrink_fused_us" in r:
             print(r["rank"], r["batch"], "qkv shrink fused", r["qkv_shrink_fused_us"],
-                  "separate", r["qkv_shrink_separate_us"])
+                  "separate", r["qkv_shrink_separate_us"], "fused by split",
+                  r["qkv_shrink_fused_us_by_split"])
     print(f"-> {path}")
 
 

@@ -57,11 +57,13 @@ def _expand_kernel(s_ptr, y_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pag
 
 def lora_expand(s: torch.Tensor, y: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
                 module: str, chunk: int, chunks_per_page: int, block_m: int,
-                block_n: int = 128, num_warps: int = 4, num_stages: int = 3) -> None:
+                block_n: int = 128, num_warps: int | None = None, num_stages: int = 1) -> None:
     """y [T, N] += s [T, >= max_rank] · B^T for each segment's adapter, in place.
 
     s may be one module's column block of a fused shrink's output (row stride larger than its
-    width)."""
+    width). On the H200 one warp per [16 x 128] output tile was fastest from 16 rows up
+    (bench/results/lora-kernels-nvidia-h200-2026-11-30-sweep.json); few rows of wide ranks
+    want more warps."""
     t, n = y.shape
     if y.stride(1) != 1 or s.stride(1) != 1 or pool_layer.stride(-1) != 1:
         raise ValueError("s, y and the pool layer must be contiguous in their last dimension")
@@ -70,6 +72,8 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor, pool_layer: torch.Tensor, meta
     if meta.num_tiles == 0:
         return
     block_n = min(chunk, block_n)
+    if num_warps is None:
+        num_warps = 4 if meta.num_tiles < 16 and meta.max_rank > 32 else 1
     block_r = 16 if meta.max_rank <= 16 else 32
     grid = (meta.num_tiles, triton.cdiv(n, block_n))
     _expand_kernel[grid](s, y, pool_layer, meta.tiles, meta.segs, meta.offsets, meta.pages,

@@ -64,12 +64,29 @@ def _shrink_kernel(x_ptr, out_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, p
         tl.store(out, acc, mask=mask)
 
 
+# Programs a shrink launch aims at (about 4 per SM of an H200): split-K fills the rest. On the
+# H200 (bench/results/lora-kernels-nvidia-h200-2026-11-30-sweep.json) the fastest split at
+# batch 1..64, ranks 16 and 64, was the one that brought tiles x rank blocks x splits to 512.
+TARGET_PROGRAMS = 512
+
+
+def shrink_split(programs: int, k_blocks: int) -> int:
+    """Split-K factor (a power of two) bringing `programs` up to TARGET_PROGRAMS."""
+    split = 1
+    while programs * split * 2 <= TARGET_PROGRAMS and split * 2 <= k_blocks:
+        split *= 2
+    return split
+
+
 def lora_shrink(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
                 module: str | tuple[str, ...], chunk: int, chunks_per_page: int, block_m: int,
-                split_k: int = 1, block_k: int = 64, num_warps: int = 4,
-                num_stages: int = 3) -> torch.Tensor:
+                split_k: int | None = None, block_k: int = 128, num_warps: int | None = None,
+                num_stages: int | None = None) -> torch.Tensor:
     """x [T, K] -> s [T, M * max_rank] float32 for M modules reading x (module j's block at
-    columns j * max_rank...); rows outside every segment stay zero."""
+    columns j * max_rank...); rows outside every segment stay zero.
+
+    Launch parameters left None follow the H200 sweep: split-K from TARGET_PROGRAMS, 4 warps
+    and 4 stages for rank tiles of 16, 2 and 2 for wider ones."""
     modules = (module,) if isinstance(module, str) else module
     t, k = x.shape
     if x.stride(1) != 1 or pool_layer.stride(-1) != 1:
@@ -85,6 +102,12 @@ def lora_shrink(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
     block_k = min(chunk, block_k)
     block_r = 16 if meta.max_rank <= 16 else 32
     rank_blocks = triton.cdiv(meta.max_rank, block_r)
+    if split_k is None:
+        split_k = shrink_split(meta.num_tiles * len(modules) * rank_blocks, k // block_k)
+    if num_warps is None:
+        num_warps = 4 if block_r == 16 else 2
+    if num_stages is None:
+        num_stages = 4 if block_r == 16 else 2
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     packed = sum(MODULE_INDEX[m] << (4 * j) for j, m in enumerate(modules))
     grid = (meta.num_tiles, len(modules) * rank_blocks, triton.cdiv(k, k_per_split))

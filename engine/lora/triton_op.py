@@ -35,7 +35,7 @@ class TritonLoraOp(LoraOp):
     block_m = 16
     graph_safe = True
 
-    def __init__(self, pool: DevicePool, split_k: int = 4) -> None:
+    def __init__(self, pool: DevicePool, split_k: int | None = None) -> None:
         super().__init__(pool)
         self.split_k = split_k
         self._shrunk: _Shrunk | None = None
