@@ -205,7 +205,8 @@ def main() -> None:
         sw = r.get("sweep", {})
         best = f"{sw['shrink_us'] + sw['expand_us']:>10.2f}{sw['best_sum_hbm_share']:>6.0%}" \
             if sw else ""
-        print(f"{r['rank']:>5}{r['batch']:>6}{r['module']:>11}{r['split_k']:>6}{r['us']:>9}"
+        split = r["split_k"] or "auto"
+        print(f"{r['rank']:>5}{r['batch']:>6}{r['module']:>11}{split:>6}{r['us']:>9}"
               f"{r['torch_us']:>10}{r['GB_s']:>8}{r['hbm_share']:>7.0%}{best}")
     for r in rows:
         if "sweep" in r:

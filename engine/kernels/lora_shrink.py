@@ -64,9 +64,11 @@ def _shrink_kernel(x_ptr, out_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, p
         tl.store(out, acc, mask=mask)
 
 
-# Programs a shrink launch aims at (about 4 per SM of an H200): split-K fills the rest. On the
-# H200 (bench/results/lora-kernels-nvidia-h200-2026-11-30-sweep.json) the fastest split at
-# batch 1..64, ranks 16 and 64, was the one that brought tiles x rank blocks x splits to 512.
+# Programs per module a shrink launch aims at (about 4 per SM of an H200): split-K fills the
+# rest. On the H200 (bench/results/lora-kernels-nvidia-h200-2026-11-30-sweep.json) the fastest
+# split at batch 1..64, ranks 16 and 64, was the one that brought tiles x rank blocks x splits
+# to 512; a fused group keeps its members' split (best or within 15% of it at batch 64,
+# bench/results/lora-kernels-nvidia-h200-2026-11-30-call2.json).
 TARGET_PROGRAMS = 512
 
 
@@ -103,7 +105,7 @@ def lora_shrink(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
     block_r = 16 if meta.max_rank <= 16 else 32
     rank_blocks = triton.cdiv(meta.max_rank, block_r)
     if split_k is None:
-        split_k = shrink_split(meta.num_tiles * len(modules) * rank_blocks, k // block_k)
+        split_k = shrink_split(meta.num_tiles * rank_blocks, k // block_k)
     if num_warps is None:
         num_warps = 4 if block_r == 16 else 2
     if num_stages is None:
