@@ -5,8 +5,8 @@
 out=${1:?out dir}; n=${2:-200}
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 for adapters in 0 1000; do
-  timeout 150 loraplane bench --device cuda --dtype bfloat16 --out "$out" --log-level warning \
+  timeout 80 loraplane bench --device cuda --dtype bfloat16 --out "$out" --log-level warning \
     --setting S2 --num-adapters "$adapters" --num-requests "$n" --saturate 2>&1 | grep -v -i warn
 done
-timeout 60 python3 bench/kernels/lora_bench.py --batch 64 --ranks 16 64 --out "$out" 2>&1 \
+timeout 30 python3 bench/kernels/lora_bench.py --batch 64 --ranks 16 64 --out "$out" 2>&1 \
   | grep -v -i warn | tail -12
