@@ -133,7 +133,7 @@ def _padded_tables(seqs: list[SeqSlice]) -> torch.Tensor:
 class TritonAttention:
     """Triton paged attention straight from block tables (decode rows first, then prefills)."""
 
-    slot_mapping: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64 (int32 in decode graphs)
     num_decode: int
     decode_tables: torch.Tensor  # [D, max_blocks] int32
     decode_lens: torch.Tensor  # [D] int32
