@@ -4,8 +4,8 @@
 # and graph captures on the first use of each variant: run a small count (e.g. 5) first to warm
 # the cache when comparing steady throughput; the cache's entry count is printed after each run.
 # Usage: bench/gpu_throughput.sh OUT_DIR [requests] [adapter counts...]   (default: 0 1000)
-out=${1:?out dir}; n=${2:-200}; shift 2 2>/dev/null
-counts=("${@:-0 1000}"); [ $# -eq 0 ] && counts=(0 1000)
+out=${1:?out dir}; n=${2:-200}; shift $(($# < 2 ? $# : 2))
+if [ $# -gt 0 ]; then counts=("$@"); else counts=(0 1000); fi
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 for adapters in "${counts[@]}"; do
