@@ -97,7 +97,7 @@ class DecodeInputs:
             if now > done:
                 start = _FIELDS * b + r * width
                 h[start + done:start + now] = t[done:now]
-                self._row_len[r] = now
+            self._row_len[r] = now
         for r in range(n, b):  # padding rows: forget their last occupant
             self._row_table[r] = None
         self.device_buffer.copy_(self.host, non_blocking=True)
