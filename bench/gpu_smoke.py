@@ -79,8 +79,40 @@ def parity(dev: torch.device) -> dict:
     return out
 
 
+def replay_ms(eng: LLMEngine) -> float | None:
+    """Median GPU time of one replay of the engine's (single) captured decode graph."""
+    graphs = eng.runner.graphs
+    if graphs is None or len(graphs.graphs) != 1:
+        return None
+    g = next(iter(graphs.graphs.values())).graph
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return round(sorted(times)[len(times) // 2], 3)
+
+
+def sampler_agreement(dev: torch.device) -> dict:
+    """Seeded rows sampled from the same logits on the GPU and on the CPU."""
+    from loraplane.engine.sampler import sample
+    from loraplane.engine.sequence import Sequence
+
+    logits = torch.randn(64, 32000, generator=torch.Generator().manual_seed(5)) * 3
+    def seqs() -> list[Sequence]:
+        return [Sequence(f"s{i}", [1], SamplingParams(temperature=0.9, top_p=0.95 if i % 2 else
+                                                      1.0, top_k=50 if i % 3 == 0 else 0,
+                                                      seed=i)) for i in range(64)]
+    cpu = sample(logits, seqs())
+    gpu = sample(logits.to(dev), seqs())
+    return {"rows": 64, "same_token": sum(a == b for a, b in zip(cpu, gpu, strict=True))}
+
+
 def decode_steps(dev: torch.device, batch: int, n_adapters: int, rank: int,
-                 graphs: bool = True) -> dict:
+                 graphs: bool = True, sampled: bool = False) -> dict:
     cfg = NAMED_SHAPES["llama-2-7b"]
     model = build_model(cfg, None, 2048, torch.bfloat16, dev)
     eng = engine_for(cfg, model, TritonLoraOp, 20.0, max_num_seqs=max(batch, 1),
@@ -88,7 +120,9 @@ def decode_steps(dev: torch.device, batch: int, n_adapters: int, rank: int,
     for i in range(n_adapters):
         eng.add_adapter(f"a{i}", "", weights(cfg, rank, i))
     gen = torch.Generator().manual_seed(1)
-    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=64, temperature=0.8 if sampled else 0.0,
+                            top_p=0.9 if sampled else 1.0, seed=3 if sampled else None,
+                            ignore_eos=True)
     for i in range(batch):
         eng.add_request(f"r{i}", torch.randint(3, 30000, (128,), generator=gen).tolist(), params,
                         f"a{i % n_adapters}" if n_adapters else None)
@@ -103,35 +137,54 @@ def decode_steps(dev: torch.device, batch: int, n_adapters: int, rank: int,
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t) * 1000)
     times.sort()
+    replay = replay_ms(eng) if graphs else None
     del eng, model
     torch.cuda.empty_cache()
     return {"batch": batch, "adapters": n_adapters, "rank": rank, "cuda_graphs": graphs,
-            "step_ms_median": round(times[len(times) // 2], 2),
+            "sampled": sampled, "step_ms_median": round(times[len(times) // 2], 2),
+            "graph_replay_ms": replay,
             "tokens_per_s": round(batch / times[len(times) // 2] * 1000, 1)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--tag", default="", help="appended to the JSON file's name")
+    ap.add_argument("--eager", action="store_true", help="also time batch 1 without graphs")
+    ap.add_argument("--skip-parity", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda")
     res: dict = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
                  "torch": torch.__version__}
-    res["parity_fp32_triton_vs_torch"] = parity(dev)
-    print("parity:", res["parity_fp32_triton_vs_torch"], flush=True)
+    if not args.skip_parity:
+        res["parity_fp32_triton_vs_torch"] = parity(dev)
+        print("parity:", res["parity_fp32_triton_vs_torch"], flush=True)
     res["decode"] = []
-    runs = ((1, 0, 0, False), (1, 0, 0, True), (1, 1, 16, True), (32, 0, 0, True),
-            (32, 32, 16, True), (64, 0, 0, True), (64, 64, 16, True), (64, 64, 64, True))
-    for batch, n, r, graphs in runs:
-        res["decode"].append(decode_steps(dev, batch, n, r, graphs))
+    res["sampler_gpu_vs_cpu"] = sampler_agreement(dev)
+    print("sampler:", res["sampler_gpu_vs_cpu"], flush=True)
+    runs = ((1, 0, 0, True, False), (1, 1, 16, True, False), (1, 0, 0, True, True),
+            (32, 0, 0, True, False), (32, 32, 16, True, False), (64, 0, 0, True, False),
+            (64, 0, 0, True, True), (64, 64, 16, True, False), (64, 64, 64, True, False))
+    if args.eager:
+        runs = ((1, 0, 0, False, False),) + runs
+    for batch, n, r, graphs, sampled in runs:
+        try:
+            res["decode"].append(decode_steps(dev, batch, n, r, graphs, sampled))
+        except Exception as e:  # record and go on: one device call holds all the runs
+            res.setdefault("errors", []).append(f"{batch}/{n}/{r}: {e!r}")
+            print("FAILED", batch, n, r, repr(e), flush=True)
+            torch.cuda.empty_cache()
+            continue
         print(res["decode"][-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"gpu-smoke-h200-{res['date']}.json"
+    path = args.out / f"gpu-smoke-h200-{res['date']}{args.tag}.json"
     path.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"{'batch':>6}{'adapters':>9}{'rank':>5}{'graphs':>7}{'ms/step':>9}{'tok/s':>9}")
+    print(f"{'batch':>6}{'adapters':>9}{'rank':>5}{'graphs':>7}{'sampled':>8}{'ms/step':>9}"
+          f"{'replay':>8}{'tok/s':>9}")
     for d in res["decode"]:
         print(f"{d['batch']:>6}{d['adapters']:>9}{d['rank']:>5}{d['cuda_graphs']!s:>7}"
-              f"{d['step_ms_median']:>9}{d['tokens_per_s']:>9}")
+              f"{d['sampled']!s:>8}{d['step_ms_median']:>9}{d['graph_replay_ms']!s:>8}"
+              f"{d['tokens_per_s']:>9}")
     print(f"-> {path}")
 
 

@@ -133,7 +133,7 @@ def _padded_tables(seqs: list[SeqSlice]) -> torch.Tensor:
 class TritonAttention:
     """Triton paged attention straight from block tables (decode rows first, then prefills)."""
 
-    slot_mapping: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64 (int32 in decode graphs)
     num_decode: int
     decode_tables: torch.Tensor  # [D, max_blocks] int32
     decode_lens: torch.Tensor  # [D] int32
@@ -149,7 +149,13 @@ class TritonAttention:
         decode = [s for s in seqs if s.num_new == 1]
         prefill = [s for s in seqs if s.num_new > 1]
         assert all(s.row < len(decode) for s in decode), "decode rows must come first"
-        slots = torch.cat([slots_of(s, block_size)[s.context_len - s.num_new:] for s in seqs])
+        # A decode row's one slot in plain ints (a tensor per row costs more than the arithmetic).
+        last = [s.context_len - 1 for s in decode]
+        slots = torch.cat([torch.tensor([s.block_table[p // block_size] * block_size
+                                         + p % block_size for s, p in zip(decode, last,
+                                                                          strict=True)],
+                                        dtype=torch.int64)]
+                          + [slots_of(s, block_size)[s.context_len - s.num_new:] for s in prefill])
         cu = [0]
         for s in prefill:
             cu.append(cu[-1] + s.num_new)

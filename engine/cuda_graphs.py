@@ -3,8 +3,9 @@
 A decode step of a 7B model is hundreds of small kernels; launched from Python they cost more
 than the GPU work at small batch. A graph replays them in one launch. Every input the forward
 reads lives in a static buffer refilled before replay: token ids, positions, KV slots, block
-tables and context lengths (padding rows get length 0 and write their K/V to a scratch page),
-and the LoRA kernels' metadata (padding tiles point at a rank-0 segment).
+tables and context lengths in one int32 buffer (`DecodeInputs`; padding rows get length 0 and
+write their K/V to a scratch page), and the LoRA kernels' metadata (padding tiles point at a
+rank-0 segment).
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplane.engine.attention import SeqSlice, TritonAttention, slots_of
+from loraplane.engine.attention import TritonAttention
 from loraplane.engine.config import LORA_MODULES, ModelConfig
+from loraplane.engine.decode_inputs import DecodeInputs
 from loraplane.engine.kernels.lora_meta import StaticMeta
 from loraplane.engine.lora.layers import LoraState
 from loraplane.engine.lora.ops import LoraBatch, LoraSegment
 from loraplane.engine.memory_pool import KV, DevicePool
 from loraplane.engine.models.llama import LlamaModel
+from loraplane.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -29,9 +32,7 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    ids: torch.Tensor  # [B] int64
-    positions: torch.Tensor  # [B] int64
-    attn: TritonAttention
+    inputs: DecodeInputs  # ids, positions, slots, lens, block tables
     lora: StaticMeta | None
     logits: torch.Tensor  # [B, vocab] float32
 
@@ -61,13 +62,13 @@ class DecodeGraphs:
 
     def _capture(self, rows: int, rank_cap: int) -> _Graph:
         dev = self.pool.data.device
-        ids = torch.zeros(rows, dtype=torch.int64, device=dev)
-        positions = torch.zeros(rows, dtype=torch.int64, device=dev)
+        inputs = DecodeInputs(rows, self.max_blocks, self.block_size, self.scratch_slot, dev)
+        ids, positions = inputs.ids, inputs.positions
         attn = TritonAttention(
-            slot_mapping=torch.full((rows,), self.scratch_slot, dtype=torch.int64, device=dev),
+            slot_mapping=inputs.slots,
             num_decode=rows,
-            decode_tables=torch.zeros(rows, self.max_blocks, dtype=torch.int32, device=dev),
-            decode_lens=torch.zeros(rows, dtype=torch.int32, device=dev),
+            decode_tables=inputs.tables,
+            decode_lens=inputs.lens,
             prefill_tables=torch.zeros(0, 1, dtype=torch.int32, device=dev),
             cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device=dev),
             prefill_lens=torch.zeros(0, dtype=torch.int32, device=dev),
@@ -92,14 +93,15 @@ class DecodeGraphs:
         finally:
             self.lora.batch = LoraBatch([])
         log.info("captured a decode graph for %d rows (LoRA rank cap %d)", rows, rank_cap)
-        return _Graph(graph, ids, positions, attn, static, logits)
+        return _Graph(graph, inputs, static, logits)
 
-    def run(self, ids: list[int], positions: list[int], slices: list[SeqSlice],
-            segments: list[LoraSegment]) -> torch.Tensor | None:
-        """Replay the graph of the smallest bucket that fits; None if no bucket fits."""
-        rows = len(ids)
-        b = self.bucket(rows)
-        if b is None or any(len(s.block_table) > self.max_blocks for s in slices):
+    def run(self, seqs: list[Sequence], segments: list[LoraSegment]) -> torch.Tensor | None:
+        """Replay the graph of the smallest bucket that fits `seqs` (each decoding one token).
+
+        Returns logits [len(seqs), vocab], or None if no graph fits the step.
+        """
+        b = self.bucket(len(seqs))
+        if b is None or any(len(s.block_table) > self.max_blocks for s in seqs):
             return None
         # One graph per bucket and rank class (16, 32, ..., max): the LoRA kernels' rank tiles
         # and buffers fit the batch's largest rank instead of the engine's maximum.
@@ -113,23 +115,8 @@ class DecodeGraphs:
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(b, rank_cap)
-        pad = b - rows
-        tables = torch.zeros(b, self.max_blocks, dtype=torch.int32)
-        for r, s in enumerate(slices):
-            tables[r, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
-        slots = [int(slots_of(s, self.block_size)[-1]) for s in slices]
-        host = {
-            g.ids: torch.tensor(ids + [0] * pad, dtype=torch.int64),
-            g.positions: torch.tensor(positions + [0] * pad, dtype=torch.int64),
-            g.attn.slot_mapping: torch.tensor(slots + [self.scratch_slot] * pad,
-                                              dtype=torch.int64),
-            g.attn.decode_tables: tables,
-            g.attn.decode_lens: torch.tensor([s.context_len for s in slices] + [0] * pad,
-                                             dtype=torch.int32),
-        }
-        for dst, src in host.items():
-            dst.copy_(src.pin_memory(), non_blocking=True)
+        g.inputs.fill(seqs)
         if g.lora is not None:
             g.lora.fill(segments)
         g.graph.replay()
-        return g.logits[:rows]
+        return g.logits[:len(seqs)]

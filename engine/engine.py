@@ -94,6 +94,10 @@ class LLMEngine:
         num_pages = self._pool_pages(layout, dtype, device)
         self.pool = DevicePool(layout, num_pages, dtype, device)
         self.adapters = AdapterCache(self.pool, parts.config)
+        if device.type == "cuda":
+            from loraplane.engine.models.triton_layers import use_triton_layers
+
+            use_triton_layers(parts.model)  # single-launch RMSNorm and rotary
         make_op = lora_op or default_lora_op(device)
         self.lora: LoraState = apply_lora(parts.model, make_op(self.pool))
         self.runner = ModelRunner(parts.model, self.pool, self.lora)

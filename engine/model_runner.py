@@ -44,31 +44,27 @@ class ModelRunner:
         def key(j: int) -> tuple[bool, int]:
             adapter = batch.seqs[j].adapter
             return batch.num_new[j] > 1, adapter.id if adapter is not None else 0
+        order = sorted(range(len(batch)), key=key)
+        seqs = [batch.seqs[j] for j in order]
+        nums = [batch.num_new[j] for j in order]
+        segments = lora_segments(seqs, nums)
+        if self.graphs is not None and all(n == 1 for n in nums):  # a pure decode step
+            logits = self.graphs.run(seqs, segments)
+            if logits is not None:
+                return seqs, sample(logits, seqs), logits
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         slices: list[SeqSlice] = []
-        segments: list[LoraSegment] = []
         sample_rows: list[int] = []
         samplers: list[Sequence] = []
-        for j in sorted(range(len(batch)), key=key):
-            seq, n = batch.seqs[j], batch.num_new[j]
+        for seq, n in zip(seqs, nums, strict=True):
             start, end, row = seq.num_computed, seq.num_computed + n, len(ids)
-            ids.extend(seq.all_ids[start:end])
+            ids.extend(seq.ids_between(start, end))
             positions.append(torch.arange(start, end))
             slices.append(SeqSlice(row, n, end, seq.block_table))
-            if seq.adapter is not None:
-                last = segments[-1] if segments else None
-                if last is not None and last.adapter is seq.adapter and last.end == row:
-                    segments[-1] = LoraSegment(last.start, row + n, seq.adapter)
-                else:
-                    segments.append(LoraSegment(row, row + n, seq.adapter))
             if end == seq.num_tokens:
                 sample_rows.append(row + n - 1)
                 samplers.append(seq)
-        if self.graphs is not None and len(ids) == len(slices):  # a pure decode step
-            logits = self.graphs.run(ids, [s.context_len - 1 for s in slices], slices, segments)
-            if logits is not None:
-                return samplers, sample(logits, samplers), logits
         dev = self.device
         meta = self.attention.build(slices, self.block_size, dev)
         self.lora.batch = self.lora.op.prepare(segments)
@@ -81,3 +77,18 @@ class ModelRunner:
             return [], [], torch.empty(0)
         logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
         return samplers, sample(logits, samplers), logits
+
+
+def lora_segments(seqs: list[Sequence], nums: list[int]) -> list[LoraSegment]:
+    """One segment per run of consecutive rows with the same adapter (rows in batch order)."""
+    segments: list[LoraSegment] = []
+    row = 0
+    for seq, n in zip(seqs, nums, strict=True):
+        if seq.adapter is not None:
+            last = segments[-1] if segments else None
+            if last is not None and last.adapter is seq.adapter and last.end == row:
+                segments[-1] = LoraSegment(last.start, row + n, seq.adapter)
+            else:
+                segments.append(LoraSegment(row, row + n, seq.adapter))
+        row += n
+    return segments

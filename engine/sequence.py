@@ -8,8 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from loraplane.engine.outputs import RequestOutput
 from loraplane.engine.sampling_params import SamplingParams
 
@@ -39,7 +37,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)  # KV pages, in position order
     num_computed: int = 0  # tokens whose K/V are in the cache
     holds_adapter: bool = False  # the adapter is pinned on this sequence's behalf
-    generator: torch.Generator | None = None
+    sample_seed: int | None = None  # the request's seed, or one drawn at its first sample
     finish_reason: str | None = None
     error: EngineError | None = None  # why the engine refused it (finish_reason "abort")
     # Admission rounds in which a request behind it was admitted while it waited (the
@@ -54,6 +52,16 @@ class Sequence:
     first_token_time: float | None = None
     # Called with each RequestOutput (on the engine's thread); None for synchronous use.
     on_output: Callable[[RequestOutput], None] | None = None
+
+    def token_at(self, i: int) -> int:
+        """The i-th token of prompt + output, without building that list."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    def ids_between(self, start: int, end: int) -> list[int]:
+        """Tokens start..end-1 of prompt + output (a prompt chunk needs no concatenation)."""
+        return self.prompt_ids[start:end] if end <= len(self.prompt_ids) \
+            else self.all_ids[start:end]
 
     @property
     def all_ids(self) -> list[int]:

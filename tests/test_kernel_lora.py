@@ -121,3 +121,43 @@ def test_triton_op_matches_torch_op(case: int) -> None:
         for s in segs:
             covered[s.start:s.end] = True
         assert torch.equal(y2[~covered], y0[~covered])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("group", [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")],
+                         ids=lambda g: g[0])
+def test_fused_shrink_matches_each_module(dtype: torch.dtype, group: tuple[str, ...]) -> None:
+    cfg = ODD
+    ranks, lengths, skip = CASES[2]
+    pool, adapters, gen = setup(cfg, dtype, ranks, seed=7)
+    segs, rows = segments_for(adapters, lengths, skip)
+    lay = pool.layout
+    meta = build_meta(segs, 16, torch.device("cpu"))
+    x = torch.randn(rows, cfg.hidden_size, generator=gen).to(dtype)
+    got = lora_shrink(x, pool.data[1], meta, group, lay.chunk, lay.chunks_per_page, 16,
+                      split_k=2)
+    width = meta.max_rank
+    assert got.shape == (rows, len(group) * width)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for j, m in enumerate(group):
+        want = lora_shrink_ref(x, pool.data[1], meta, m, lay.chunk, lay.chunks_per_page)
+        torch.testing.assert_close(got[:, j * width:(j + 1) * width], want, atol=tol * 10,
+                                   rtol=tol)
+
+
+def test_triton_op_shares_one_shrink_per_group() -> None:
+    cfg = NAMED_SHAPES["tiny"]
+    ranks, lengths, skip = CASES[1]
+    pool, adapters, gen = setup(cfg, torch.float32, ranks, seed=21)
+    segs, rows = segments_for(adapters, lengths, skip)
+    torch_op, triton_op = TorchLoraOp(pool), TritonLoraOp(pool)
+    b_torch, b_triton = torch_op.prepare(segs), triton_op.prepare(segs)
+    for layer in range(cfg.num_layers):
+        x = torch.randn(rows, cfg.hidden_size, generator=gen)  # one input, as the model passes
+        for m in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            fan_out = cfg.module_shape(m)[1]
+            y0 = torch.randn(rows, fan_out, generator=gen)
+            y1, y2 = y0.clone(), y0.clone()
+            torch_op.apply(x, y1, layer, m, b_torch)
+            triton_op.apply(x, y2, layer, m, b_triton)
+            torch.testing.assert_close(y2, y1, atol=1e-3, rtol=1e-4)

@@ -3,7 +3,10 @@
 Llama-2-7B widths, bf16, `--batch` rows each with a different adapter (the worst case), adapters
 on scattered pool pages. Checks the kernels against their torch twins in bf16, times
 shrink+expand per projection as CUDA-graph replays, and reports the share of HBM bandwidth used
-for the bytes they must move (A and B of every adapter, x, and y read and written).
+for the bytes they must move (A and B of every adapter, x, and y read and written). With
+`--sweep` it also times shrink and expand alone over launch configurations (split-K, tile
+widths, warps, pipeline stages) and reports the best of each; and it times the fused q,k,v
+shrink against three separate ones.
 """
 
 from __future__ import annotations
@@ -26,14 +29,36 @@ from loraplane.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref
 from loraplane.engine.lora.ops import LoraSegment, TorchLoraOp
 from loraplane.engine.memory_pool import DevicePool, PoolLayout
 
+MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 HBM_TBS = 4.27  # measured device-to-device copy bandwidth of the H200 (PERFORMANCE.md)
 
 
+SHRINK_SWEEP = [dict(split_k=sk, block_k=bk, num_warps=w, num_stages=st)
+                for sk in (2, 4, 8, 16, 32) for bk in (64, 128) for w in (2, 4) for st in (2, 4)]
+EXPAND_SWEEP = [dict(block_n=bn, num_warps=w, num_stages=st)
+                for bn in (32, 64, 128) for w in (1, 2, 4, 8) for st in (1, 3)]
+
+
 def shrink_expand(x: torch.Tensor, y: torch.Tensor, pool_layer: torch.Tensor,
-                  meta: LoraKernelMeta, module: str, chunk: int, cpp: int, split: int) -> None:
+                  meta: LoraKernelMeta, module: str, chunk: int, cpp: int,
+                  split: int | None) -> None:
     """One projection's LoRA term with the kernels, as the engine runs it."""
     s = lora_shrink(x, pool_layer, meta, module, chunk, cpp, 16, split)
     lora_expand(s, y, pool_layer, meta, module, chunk, cpp, 16)
+
+
+def separate_shrinks(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
+                     modules: tuple[str, ...], chunk: int, cpp: int) -> None:
+    """One shrink launch per module (default launch parameters), as before the fused shrink."""
+    for m in modules:
+        lora_shrink(x, pool_layer, meta, m, chunk, cpp, 16)
+
+
+def best_config(fn, configs: list[dict]) -> tuple[dict, float]:  # type: ignore[no-untyped-def]
+    """The fastest of fn(**config) (microseconds, graph replays) over configs."""
+    timed = [(time_graph(functools.partial(fn, **c), 50), i) for i, c in enumerate(configs)]
+    us, i = min(timed)
+    return configs[i], us
 
 
 def time_graph(fn, iters: int = 200) -> float:  # type: ignore[no-untyped-def]
@@ -65,7 +90,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--split-k", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--split-k", type=int, nargs="+", default=[0],
+                    help="split-K factors to time; 0: the kernel's own choice")
+    ap.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -74,8 +101,7 @@ def main() -> None:
     for rank in args.ranks:
         n_adapters = max(args.batch)
         layout = PoolLayout.for_model(cfg, 16)
-        per = layout.pages_for_chunks(rank * sum(sum(cfg.module_shape(m)) for m in
-                                                 ("q_proj", "gate_proj", "down_proj"))
+        per = layout.pages_for_chunks(rank * sum(sum(cfg.module_shape(m)) for m in MODULES)
                                       // layout.chunk)
         pool = DevicePool(layout, per * n_adapters * 2 + 8, torch.bfloat16, dev)
         cache = AdapterCache(pool, cfg)
@@ -83,7 +109,7 @@ def main() -> None:
         spacer = []
         adapters = []
         for i in range(n_adapters):
-            w = LoraWeights(rank, float(rank), 1.0, ("q_proj", "gate_proj", "down_proj"))
+            w = LoraWeights(rank, float(rank), 1.0, MODULES)
             for m in w.modules:
                 fi, fo = cfg.module_shape(m)
                 w.a[m] = torch.randn(1, rank, fi, generator=gen) * 0.02
@@ -109,7 +135,7 @@ def main() -> None:
                                 lay.chunks_per_page)
                 bytes_moved = batch * rank * (fi + fo) * 2 + batch * (fi + 2 * fo) * 2
                 best = None
-                for split in args.split_k:
+                for split in [sk or None for sk in args.split_k]:
                     got_s = lora_shrink(x, pool.data[0], meta, module, lay.chunk,
                                         lay.chunks_per_page, 16, split)
                     got_y = y0.clone()
@@ -124,6 +150,29 @@ def main() -> None:
                         lay.chunks_per_page, split))
                     if best is None or us < best[1]:
                         best = (split, us)
+                if args.sweep:
+                    sk = dict(x=x, pool_layer=pool.data[0], meta=meta, module=module,
+                              chunk=lay.chunk, chunks_per_page=lay.chunks_per_page, block_m=16)
+                    shrink_cfg, shrink_us = best_config(functools.partial(lora_shrink, **sk),
+                                                        SHRINK_SWEEP)
+                    ek = dict(s=ref_s, y=y, pool_layer=pool.data[0], meta=meta, module=module,
+                              chunk=lay.chunk, chunks_per_page=lay.chunks_per_page, block_m=16)
+                    expand_cfg, expand_us = best_config(functools.partial(lora_expand, **ek),
+                                                        EXPAND_SWEEP)
+                    sweep = {"shrink": shrink_cfg, "shrink_us": round(shrink_us, 2),
+                             "expand": expand_cfg, "expand_us": round(expand_us, 2),
+                             "best_sum_hbm_share": round(
+                                 bytes_moved / (shrink_us + expand_us) / 1e3 / (HBM_TBS * 1e3),
+                                 3)}
+                if module == "q_proj":
+                    qkv = ("q_proj", "k_proj", "v_proj")
+                    fused = {sk or "auto": round(time_graph(functools.partial(
+                        lora_shrink, x, pool.data[0], meta, qkv, lay.chunk,
+                        lay.chunks_per_page, 16, sk or None)), 2) for sk in (0, 2, 4, 8, 16)}
+                    fused_us = fused["auto"]
+                    apart_us = time_graph(functools.partial(
+                        separate_shrinks, x, pool.data[0], meta, qkv, lay.chunk,
+                        lay.chunks_per_page))
                 batch_t = torch_op.prepare(segs)
                 torch_us = time_graph(functools.partial(torch_op.apply, x, y, 0, module, batch_t),
                                       20)
@@ -133,6 +182,12 @@ def main() -> None:
                              "split_k": best[0], "us": round(best[1], 2),
                              "torch_us": round(torch_us, 1), "GB_s": round(gbs, 1),
                              "hbm_share": round(gbs / (HBM_TBS * 1e3), 3)})
+                if args.sweep:
+                    rows[-1]["sweep"] = sweep
+                if module == "q_proj":
+                    rows[-1]["qkv_shrink_fused_us"] = round(fused_us, 2)
+                    rows[-1]["qkv_shrink_separate_us"] = round(apart_us, 2)
+                    rows[-1]["qkv_shrink_fused_us_by_split"] = fused
                 print(rows[-1], flush=True)
     name = torch.cuda.get_device_name()
     out = {"benchmark": "lora_kernels", "date": datetime.date.today().isoformat(),
@@ -145,10 +200,23 @@ def main() -> None:
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\n{name}: LoRA shrink+expand, bf16, each row its own adapter")
     print(f"{'rank':>5}{'batch':>6}{'module':>11}{'split':>6}{'us':>9}{'torch us':>10}"
-          f"{'GB/s':>8}{'HBM':>7}")
+          f"{'GB/s':>8}{'HBM':>7}{'best s+e':>10}{'HBM':>6}")
     for r in rows:
-        print(f"{r['rank']:>5}{r['batch']:>6}{r['module']:>11}{r['split_k']:>6}{r['us']:>9}"
-              f"{r['torch_us']:>10}{r['GB_s']:>8}{r['hbm_share']:>7.0%}")
+        sw = r.get("sweep", {})
+        best = f"{sw['shrink_us'] + sw['expand_us']:>10.2f}{sw['best_sum_hbm_share']:>6.0%}" \
+            if sw else ""
+        split = r["split_k"] or "auto"
+        print(f"{r['rank']:>5}{r['batch']:>6}{r['module']:>11}{split:>6}{r['us']:>9}"
+              f"{r['torch_us']:>10}{r['GB_s']:>8}{r['hbm_share']:>7.0%}{best}")
+    for r in rows:
+        if "sweep" in r:
+            print(r["rank"], r["batch"], r["module"], "shrink", r["sweep"]["shrink"],
+                  r["sweep"]["shrink_us"], "expand", r["sweep"]["expand"],
+                  r["sweep"]["expand_us"])
+        if "qkv_shrink_fused_us" in r:
+            print(r["rank"], r["batch"], "qkv shrink fused", r["qkv_shrink_fused_us"],
+                  "separate", r["qkv_shrink_separate_us"], "fused by split",
+                  r["qkv_shrink_fused_us_by_split"])
     print(f"-> {path}")
 
 

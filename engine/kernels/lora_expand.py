@@ -56,8 +56,14 @@ def _expand_kernel(s_ptr, y_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pag
 
 
 def lora_expand(s: torch.Tensor, y: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
-                module: str, chunk: int, chunks_per_page: int, block_m: int) -> None:
-    """y [T, N] += s [T, max_rank] · B^T for each segment's adapter, in place."""
+                module: str, chunk: int, chunks_per_page: int, block_m: int,
+                block_n: int = 128, num_warps: int | None = None, num_stages: int = 1) -> None:
+    """y [T, N] += s [T, >= max_rank] · B^T for each segment's adapter, in place.
+
+    s may be one module's column block of a fused shrink's output (row stride larger than its
+    width). On the H200 one warp per [16 x 128] output tile was fastest from 16 rows up
+    (bench/results/lora-kernels-nvidia-h200-2026-11-30-sweep.json); few rows of wide ranks
+    want more warps."""
     t, n = y.shape
     if y.stride(1) != 1 or s.stride(1) != 1 or pool_layer.stride(-1) != 1:
         raise ValueError("s, y and the pool layer must be contiguous in their last dimension")
@@ -65,13 +71,16 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor, pool_layer: torch.Tensor, meta
         raise ValueError(f"output width {n} is not a multiple of the chunk {chunk}")
     if meta.num_tiles == 0:
         return
-    block_n = min(chunk, 128)
+    block_n = min(chunk, block_n)
+    if num_warps is None:
+        num_warps = 4 if meta.num_tiles < 16 and meta.max_rank > 32 else 1
     block_r = 16 if meta.max_rank <= 16 else 32
     grid = (meta.num_tiles, triton.cdiv(n, block_n))
     _expand_kernel[grid](s, y, pool_layer, meta.tiles, meta.segs, meta.offsets, meta.pages,
                          n, s.stride(0), y.stride(0), MODULE_INDEX[module],
                          CHUNK=chunk, CPP=chunks_per_page, BLOCK_M=block_m, BLOCK_N=block_n,
-                         BLOCK_R=block_r, PRECISION=dot_precision(pool_layer.dtype))
+                         BLOCK_R=block_r, PRECISION=dot_precision(pool_layer.dtype),
+                         num_warps=num_warps, num_stages=num_stages)
 
 
 def lora_expand_ref(s: torch.Tensor, y: torch.Tensor, pool_layer: torch.Tensor,

@@ -46,8 +46,8 @@ class StaticShape:
 
 
 def _pack(segments: list[LoraSegment], block_m: int,
-          static: StaticShape | None) -> tuple[torch.Tensor, tuple[int, int, int], int, int]:
-    """Host int32 buffer [tiles | segs | offsets | pages] and the sizes of the first three."""
+          static: StaticShape | None) -> tuple[list[int], tuple[int, int, int], int, int]:
+    """Host int32 values [tiles | segs | offsets | pages] and the sizes of the first three."""
     tiles: list[int] = []
     segs: list[int] = []
     offsets: list[int] = []
@@ -78,8 +78,8 @@ def _pack(segments: list[LoraSegment], block_m: int,
         offsets += [-1] * (2 * len(LORA_MODULES) * (static.segs - len(segments)))
         pages += [0] * (static.pages - len(pages))
         num_tiles, max_rank = static.tiles, static.max_rank
-    flat = torch.tensor(tiles + segs + offsets + pages, dtype=torch.int32)
-    return flat, (len(tiles), len(segs), len(offsets)), num_tiles, max_rank
+    return tiles + segs + offsets + pages, (len(tiles), len(segs), len(offsets)), num_tiles, \
+        max_rank
 
 
 def _views(flat: torch.Tensor, sizes: tuple[int, int, int], num_tiles: int,
@@ -97,26 +97,35 @@ def _views(flat: torch.Tensor, sizes: tuple[int, int, int], num_tiles: int,
 
 def build_meta(segments: list[LoraSegment], block_m: int, device: torch.device) -> LoraKernelMeta:
     """Pack the step's segments into one int32 buffer and copy it to the device once."""
-    flat, sizes, num_tiles, max_rank = _pack(segments, block_m, None)
+    values, sizes, num_tiles, max_rank = _pack(segments, block_m, None)
+    flat = torch.tensor(values, dtype=torch.int32)
     if device.type == "cuda":
         flat = flat.pin_memory().to(device, non_blocking=True)
     return _views(flat, sizes, num_tiles, max_rank)
 
 
 class StaticMeta:
-    """Device buffers of fixed size that a captured graph reads; refilled before each replay."""
+    """Device buffers of fixed size that a captured graph reads; refilled before each replay.
+
+    The host side is one persistent (pinned on CUDA) buffer written through numpy, so a fill
+    allocates no tensor; the step's sync on its sampled tokens orders the reuse.
+    """
 
     def __init__(self, shape: StaticShape, block_m: int, device: torch.device) -> None:
         self.shape = shape
         self.block_m = block_m
-        flat, sizes, num_tiles, max_rank = _pack([], block_m, shape)
-        self.flat = flat.to(device)
+        values, sizes, num_tiles, max_rank = _pack([], block_m, shape)
+        self.host = torch.tensor(values, dtype=torch.int32)
+        if device.type == "cuda":
+            self.host = self.host.pin_memory()
+        self._np = self.host.numpy()
+        self.flat = self.host.to(device)
         self.meta = _views(self.flat, sizes, num_tiles, max_rank)
 
     def fill(self, segments: list[LoraSegment]) -> LoraKernelMeta:
         """Copy this step's segments into the buffers (asynchronously) and return their views."""
-        flat, _, _, _ = _pack(segments, self.block_m, self.shape)
-        self.flat.copy_(flat.pin_memory() if self.flat.is_cuda else flat, non_blocking=True)
+        self._np[:] = _pack(segments, self.block_m, self.shape)[0]
+        self.flat.copy_(self.host, non_blocking=True)
         return self.meta
 
 

@@ -1,4 +1,8 @@
-"""LoRA shrink: s[rows of segment] = x[rows] · A_a^T, A gathered from the unified pool's chunks."""
+"""LoRA shrink: s[rows of segment] = x[rows] · A_a^T, A gathered from the unified pool's chunks.
+
+Projections that read the same input (q, k, v; gate, up) shrink in one launch: the output holds
+one [T, max_rank] block per module side by side.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +20,16 @@ from loraplane.engine.kernels.lora_meta import (
 
 @triton.jit
 def _shrink_kernel(x_ptr, out_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pages_ptr,
-                   K, stride_xm, stride_om, module, k_per_split,
+                   K, stride_xm, stride_om, modules, rank_blocks, out_width, k_per_split,
                    CHUNK: tl.constexpr, CPP: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
                    PRECISION: tl.constexpr):
     tile = tl.program_id(0)
-    rank_block = tl.program_id(1)
+    # Axis 1 enumerates (module j of the fused group, rank block); `modules` packs the group's
+    # module indices 4 bits each.
+    j = tl.program_id(1) // rank_blocks
+    rank_block = tl.program_id(1) % rank_blocks
+    module = (modules >> (4 * j)) & 15
     split = tl.program_id(2)
     seg = tl.load(tiles_ptr + tile * 2)
     row0 = tl.load(tiles_ptr + tile * 2 + 1)
@@ -48,7 +56,7 @@ def _shrink_kernel(x_ptr, out_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, p
         base = (page * CPP + c % CPP) * CHUNK + k0 % CHUNK  # [BLOCK_R] element offsets
         a = tl.load(pool_ptr + base[:, None] + kk[None, :], mask=rank_mask[:, None], other=0.0)
         acc += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=PRECISION)
-    out = out_ptr + rows[:, None] * stride_om + ranks[None, :]
+    out = out_ptr + rows[:, None] * stride_om + j * out_width + ranks[None, :]
     mask = row_mask[:, None] & rank_mask[None, :]
     if ATOMIC:
         tl.atomic_add(out, acc, mask=mask)
@@ -56,34 +64,73 @@ def _shrink_kernel(x_ptr, out_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, p
         tl.store(out, acc, mask=mask)
 
 
-def lora_shrink(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta, module: str,
-                chunk: int, chunks_per_page: int, block_m: int, split_k: int = 1) -> torch.Tensor:
-    """x [T, K] -> s [T, max_rank] float32 (rows outside every segment stay zero)."""
+# Programs per module a shrink launch aims at (about 4 per SM of an H200): split-K fills the
+# rest. On the H200 (bench/results/lora-kernels-nvidia-h200-2026-11-30-sweep.json) the fastest
+# split at batch 1..64, ranks 16 and 64, was the one that brought tiles x rank blocks x splits
+# to 512; a fused group keeps its members' split (best or within 15% of it at batch 64,
+# bench/results/lora-kernels-nvidia-h200-2026-11-30-call2.json).
+TARGET_PROGRAMS = 512
+
+
+def shrink_split(programs: int, k_blocks: int) -> int:
+    """Split-K factor (a power of two) bringing `programs` up to TARGET_PROGRAMS."""
+    split = 1
+    while programs * split * 2 <= TARGET_PROGRAMS and split * 2 <= k_blocks:
+        split *= 2
+    return split
+
+
+def lora_shrink(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
+                module: str | tuple[str, ...], chunk: int, chunks_per_page: int, block_m: int,
+                split_k: int | None = None, block_k: int = 128, num_warps: int | None = None,
+                num_stages: int | None = None) -> torch.Tensor:
+    """x [T, K] -> s [T, M * max_rank] float32 for M modules reading x (module j's block at
+    columns j * max_rank...); rows outside every segment stay zero.
+
+    Launch parameters left None follow the H200 sweep: split-K from TARGET_PROGRAMS, 4 warps
+    and 4 stages for rank tiles of 16, 2 and 2 for wider ones."""
+    modules = (module,) if isinstance(module, str) else module
     t, k = x.shape
     if x.stride(1) != 1 or pool_layer.stride(-1) != 1:
         raise ValueError("x and the pool layer must be contiguous in their last dimension")
     if k % chunk:
         raise ValueError(f"input width {k} is not a multiple of the chunk {chunk}")
-    out = torch.zeros(t, max(meta.max_rank, 1), dtype=torch.float32, device=x.device)
+    if not 0 < len(modules) <= 7:
+        raise ValueError(f"a fused shrink takes 1 to 7 modules, not {len(modules)}")
+    width = max(meta.max_rank, 1)
+    out = torch.zeros(t, len(modules) * width, dtype=torch.float32, device=x.device)
     if meta.num_tiles == 0:
         return out
-    block_k = min(chunk, 64)
+    block_k = min(chunk, block_k)
     block_r = 16 if meta.max_rank <= 16 else 32
+    rank_blocks = triton.cdiv(meta.max_rank, block_r)
+    if split_k is None:
+        split_k = shrink_split(meta.num_tiles * rank_blocks, k // block_k)
+    if num_warps is None:
+        num_warps = 4 if block_r == 16 else 2
+    if num_stages is None:
+        num_stages = 4 if block_r == 16 else 2
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    grid = (meta.num_tiles, triton.cdiv(meta.max_rank, block_r), triton.cdiv(k, k_per_split))
+    packed = sum(MODULE_INDEX[m] << (4 * j) for j, m in enumerate(modules))
+    grid = (meta.num_tiles, len(modules) * rank_blocks, triton.cdiv(k, k_per_split))
     _shrink_kernel[grid](x, out, pool_layer, meta.tiles, meta.segs, meta.offsets, meta.pages,
-                         k, x.stride(0), out.stride(0), MODULE_INDEX[module], k_per_split,
+                         k, x.stride(0), out.stride(0), packed, rank_blocks, width, k_per_split,
                          CHUNK=chunk, CPP=chunks_per_page, BLOCK_M=block_m, BLOCK_R=block_r,
                          BLOCK_K=block_k, ATOMIC=grid[2] > 1,
-                         PRECISION=dot_precision(x.dtype))
+                         PRECISION=dot_precision(x.dtype), num_warps=num_warps,
+                         num_stages=num_stages)
     return out
 
 
-def lora_shrink_ref(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta, module: str,
-                    chunk: int, chunks_per_page: int) -> torch.Tensor:
+def lora_shrink_ref(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
+                    module: str | tuple[str, ...], chunk: int,
+                    chunks_per_page: int) -> torch.Tensor:
     """Plain-torch twin of lora_shrink reading the same metadata."""
+    modules = (module,) if isinstance(module, str) else module
     t, k = x.shape
-    out = torch.zeros(t, max(meta.max_rank, 1), dtype=torch.float32, device=x.device)
-    for start, end, a in segment_weights(pool_layer, meta, module, 0, chunk, chunks_per_page, k):
-        out[start:end, :a.shape[0]] = x[start:end].float() @ a.float().t()
+    width = max(meta.max_rank, 1)
+    out = torch.zeros(t, len(modules) * width, dtype=torch.float32, device=x.device)
+    for j, m in enumerate(modules):
+        for start, end, a in segment_weights(pool_layer, meta, m, 0, chunk, chunks_per_page, k):
+            out[start:end, j * width:j * width + a.shape[0]] = x[start:end].float() @ a.float().t()
     return out

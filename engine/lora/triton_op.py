@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from loraplane.engine.kernels.lora_expand import lora_expand
@@ -10,18 +12,36 @@ from loraplane.engine.kernels.lora_shrink import lora_shrink
 from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment
 from loraplane.engine.memory_pool import DevicePool
 
+# Projections that read the same input: one shrink launch serves the whole group.
+FUSED_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"),
+                                             ("gate_proj", "up_proj"))
+_GROUP_OF = {m: g for g in FUSED_GROUPS for m in g}
+
+
+@dataclass
+class _Shrunk:
+    """A fused shrink's output [T, len(group) * max_rank], kept until the group's last module."""
+
+    x: torch.Tensor
+    layer: int
+    group: tuple[str, ...]
+    s: torch.Tensor
+    pending: set[str]
+
 
 class TritonLoraOp(LoraOp):
-    """Shrink then expand, one launch each per projection, over all segments and ranks at once."""
+    """Shrink then expand over all segments and ranks at once; one shrink per fused group."""
 
     block_m = 16
     graph_safe = True
 
-    def __init__(self, pool: DevicePool, split_k: int = 4) -> None:
+    def __init__(self, pool: DevicePool, split_k: int | None = None) -> None:
         super().__init__(pool)
         self.split_k = split_k
+        self._shrunk: _Shrunk | None = None
 
     def prepare(self, segments: list[LoraSegment]) -> LoraBatch:
+        self._shrunk = None
         if not segments:
             return LoraBatch([])
         return LoraBatch(segments, build_meta(segments, self.block_m, self.pool.data.device))
@@ -36,11 +56,28 @@ class TritonLoraOp(LoraOp):
                             max_rank=max_rank)
         return StaticMeta(shape, self.block_m, self.pool.data.device)
 
+    def _shrink(self, x: torch.Tensor, layer: int, module: str,
+                batch: LoraBatch) -> torch.Tensor:
+        """s [T, max_rank] of `module`: a column block of its group's shrink, run once per x."""
+        lay = self.pool.layout
+        group = _GROUP_OF.get(module, (module,))
+        cached = self._shrunk
+        # The model passes one tensor object to every projection of a group; identity (the
+        # cache holds a reference, so the object cannot be recycled) tells that x is the same.
+        if cached is None or cached.x is not x or cached.layer != layer \
+                or module not in cached.pending:
+            s = lora_shrink(x, self.pool.data[layer], batch.kernel_meta, group, lay.chunk,
+                            lay.chunks_per_page, self.block_m, self.split_k)
+            cached = _Shrunk(x, layer, group, s, set(group))
+        cached.pending.discard(module)
+        self._shrunk = cached if cached.pending else None
+        width = cached.s.shape[1] // len(cached.group)
+        j = cached.group.index(module)
+        return cached.s[:, j * width:(j + 1) * width]
+
     def apply(self, x: torch.Tensor, y: torch.Tensor, layer: int, module: str,
               batch: LoraBatch) -> None:
         lay = self.pool.layout
-        pool_layer = self.pool.data[layer]  # [num_pages, page_elems]
-        s = lora_shrink(x, pool_layer, batch.kernel_meta, module, lay.chunk, lay.chunks_per_page,
-                        self.block_m, self.split_k)
-        lora_expand(s, y, pool_layer, batch.kernel_meta, module, lay.chunk, lay.chunks_per_page,
-                    self.block_m)
+        s = self._shrink(x, layer, module, batch)
+        lora_expand(s, y, self.pool.data[layer], batch.kernel_meta, module, lay.chunk,
+                    lay.chunks_per_page, self.block_m)
