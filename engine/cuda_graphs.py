@@ -60,6 +60,25 @@ class DecodeGraphs:
     def bucket(self, rows: int) -> int | None:
         return next((b for b in self.buckets if b >= rows), None)
 
+    def rank_class(self, rank: int) -> int:
+        """The rank cap (16, 32, ..., max) of the graph that serves a batch whose top rank is
+        `rank`: the LoRA kernels' rank tiles and buffers fit it instead of the engine's maximum."""
+        return min(max(16, 1 << (rank - 1).bit_length()), self.max_rank)
+
+    def capture_all(self, max_rank: int = 0) -> int:
+        """Capture now, instead of on first use, every bucket's graph without LoRA and for each
+        rank class up to `max_rank` (a warm-up, so no step pays for a capture); returns how many
+        graphs exist."""
+        caps = [0]
+        if max_rank:
+            caps += sorted({self.rank_class(r) for r in (16, 32, 64, 128, 256, max_rank)
+                            if r <= self.rank_class(max_rank)})
+        for b in self.buckets:
+            for cap in caps:
+                if (b, cap) not in self.graphs:
+                    self.graphs[(b, cap)] = self._capture(b, cap)
+        return len(self.graphs)
+
     def _capture(self, rows: int, rank_cap: int) -> _Graph:
         dev = self.pool.data.device
         inputs = DecodeInputs(rows, self.max_blocks, self.block_size, self.scratch_slot, dev)
@@ -103,14 +122,13 @@ class DecodeGraphs:
         b = self.bucket(len(seqs))
         if b is None or any(len(s.block_table) > self.max_blocks for s in seqs):
             return None
-        # One graph per bucket and rank class (16, 32, ..., max): the LoRA kernels' rank tiles
-        # and buffers fit the batch's largest rank instead of the engine's maximum.
+        # One graph per bucket and rank class.
         rank_cap = 0
         if segments:
             top = max(s.adapter.rank for s in segments)
             if top > self.max_rank:
                 return None
-            rank_cap = min(max(16, 1 << (top - 1).bit_length()), self.max_rank)
+            rank_cap = self.rank_class(top)
         key = (b, rank_cap)
         g = self.graphs.get(key)
         if g is None:
