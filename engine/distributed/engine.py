@@ -176,7 +176,9 @@ class TensorParallelEngine(LLMEngine):
 
     def close(self) -> None:
         """Tell workers to exit, wait for them, and leave the process group."""
-        if self.monitor is not None and self.monitor.failure is None:
+        if self.monitor is not None and self.monitor.failure is not None:
+            return  # workers already ended; a broken group may hang when torn down
+        if self.monitor is not None:
             try:
                 protocol.send(self.tp.control, protocol.SHUTDOWN, [], [])
             except RuntimeError:
@@ -340,7 +342,10 @@ def build_engine(model: str, *, tensor_parallel_size: int = 1, device: str = "au
     return start_tensor_parallel(opts, exit_on_failure=exit_on_failure)
 
 
-def close_engine(engine: LLMEngine) -> None:
-    """Stop a tensor-parallel engine's workers (nothing to do for a single-device engine)."""
-    if isinstance(engine, TensorParallelEngine):
-        engine.close()
+def close_engine(engine: LLMEngine) -> str | None:
+    """Stop a tensor-parallel engine's workers; returns why it failed (a dead rank), if it did.
+    Nothing to do for a single-device engine."""
+    if not isinstance(engine, TensorParallelEngine):
+        return None
+    engine.close()
+    return engine.failure

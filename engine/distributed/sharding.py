@@ -93,9 +93,10 @@ class RowParallelLinear(nn.Module):
 def _projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
     layers = model.layers
     assert isinstance(layers, nn.ModuleList)
-    out = []
+    out: list[tuple[nn.Module, str]] = []
     for layer in layers:
         for parent in (layer.self_attn, layer.mlp):
+            assert isinstance(parent, nn.Module)
             out += [(parent, n) for n in (*COLUMN_PARALLEL, *ROW_PARALLEL) if hasattr(parent, n)]
     return out
 
