@@ -7,6 +7,7 @@ import datetime
 import gc
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-lora-rank", type=int, default=256)
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="shard the model and adapters over N GPUs (gloo ranks on CPU)")
     p.add_argument("--baseline", default="none", choices=["none", "peft"],
                    help="peft: also run the same requests through HF transformers + PEFT")
     p.add_argument("--peft-batch-size", type=int, default=32,
@@ -66,9 +69,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace, ranks: tuple[int, ...]) -> None:
     for name in ("num_requests", "max_num_seqs", "max_num_batched_tokens", "sets_per_rank",
-                 "peft_batch_size"):
+                 "peft_batch_size", "tensor_parallel_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
+    if args.tensor_parallel_size > 1 and args.baseline != "none":
+        raise SystemExit("--baseline runs on one device; leave it out with "
+                         "--tensor-parallel-size")
     if any(not 1 <= r <= args.max_lora_rank for r in ranks):
         raise SystemExit(f"ranks {list(ranks)} must be in [1, --max-lora-rank "
                          f"{args.max_lora_rank}]")
@@ -84,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from loraplane.engine.bench.adapters import ADAPTER_STORAGE, WeightSets, register
     from loraplane.engine.bench.driver import replay, warm_up
     from loraplane.engine.bench.metrics import decode_steps, summarize
-    from loraplane.engine.engine import LLMEngine
+    from loraplane.engine.distributed.engine import build_engine, close_engine
 
     setting = SETTINGS[args.setting]
     ranks = tuple(args.ranks or setting.ranks)
@@ -104,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed)
     t = time.monotonic()
     try:
-        engine = LLMEngine.from_spec(model_spec, device=args.device, dtype=args.dtype,
-                                     engine_config=cfg)
+        engine = build_engine(model_spec, tensor_parallel_size=args.tensor_parallel_size,
+                              device=args.device, dtype=args.dtype, engine_config=cfg)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"loraplane bench: cannot load model {model_spec!r}: {e}") from None
     device, dtype = engine.pool.data.device, engine.pool.data.dtype
@@ -114,14 +120,19 @@ def run(args: argparse.Namespace) -> int:
     ranks_of = adapter_ranks(args.num_adapters, ranks)
     sets = None
     t = time.monotonic()
+    folders = tempfile.TemporaryDirectory(prefix="loraplane-bench-")
     if args.num_adapters:
         sets = WeightSets(model_cfg, ranks_of, tuple(args.modules), args.sets_per_rank,
                           args.seed, dtype, device)
+        if args.tensor_parallel_size > 1:
+            sets.write_folders(Path(folders.name))  # every rank reads its shards from there
     names = register(engine, sets, ranks_of) if sets is not None else []
     adapters_s = time.monotonic() - t
     warm_up(engine, sets, args.seed)
     played = replay(engine, trace, names, saturate=args.saturate, seed=args.seed)
     stats = engine.stats()
+    close_engine(engine)
+    folders.cleanup()
     results = {"loraplane": {
         **summarize(played.records, args.slo), **decode_steps(played.steps),
         "preemptions": played.preemptions, "adapters_resident_at_end": stats.adapters_resident,
@@ -149,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
         "versions": report.versions(),
         "command": " ".join(["loraplane", "bench", *sys.argv[2:]]) if len(sys.argv) > 1 else "",
         "config": {
-            "setting": args.setting, "model": model_spec, "dtype": str(dtype).removeprefix(
+            "setting": args.setting, "model": model_spec,
+            "tensor_parallel_size": args.tensor_parallel_size,
+            "dtype": str(dtype).removeprefix(
                 "torch."), "device": str(device), "ranks": list(ranks),
             "modules": list(args.modules), "num_adapters": args.num_adapters,
             "adapter_storage": ADAPTER_STORAGE if sets is not None else None,
