@@ -19,6 +19,13 @@ from loraplane.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref
 from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment
 from loraplane.engine.memory_pool import DevicePool
 
+# torch 2.13 renamed all_gather_into_tensor (older versions have only that name).
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+# Column-parallel projections that read the same input in a layer.
+SIBLINGS = {m: group for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+            for m in group}
+
 
 @dataclass(frozen=True)
 class ShardedMeta:
@@ -45,8 +52,11 @@ class TensorParallelLoraOp(LoraOp):
         self.world = world
         self.group = group
         self.kernels = pool.data.device.type == "cuda"
+        # (layer, module) -> (its input, its gathered shrink [T, R'·N]) computed with a sibling.
+        self._pending: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def prepare(self, segments: list[LoraSegment]) -> LoraBatch:
+        self._pending.clear()
         if not segments:
             return LoraBatch([])
         dev = self.pool.data.device
@@ -88,10 +98,27 @@ class TensorParallelLoraOp(LoraOp):
             cols = y[:, self.rank * width:(self.rank + 1) * width]  # [T, out/N] view
             self._expand(s, cols, pool_layer, meta.full, module)
             return
-        s = self._shrink(x, pool_layer, meta.strided, module)  # [T, R'] rows p, p+N, ...
-        parts = [torch.empty_like(s) for _ in range(self.world)]
-        dist.all_gather(parts, s, group=self.group)
-        # [T, R', N] -> [T, R'·N]: column j·N + p is x · A_pad[j·N + p] for every row, whatever
-        # its adapter's rank (a shard's columns past its own rank are zero).
-        s_full = torch.stack(parts, dim=-1).reshape(s.shape[0], -1)
-        self._expand(s_full, y, pool_layer, meta.full, module)
+        self._expand(self._gathered(x, pool_layer, meta, layer, module), y, pool_layer,
+                     meta.full, module)
+
+    def _gathered(self, x: torch.Tensor, pool_layer: torch.Tensor, meta: ShardedMeta,
+                  layer: int, module: str) -> torch.Tensor:
+        """The full shrink [T, R'·N] of a column-parallel module. Its targeted siblings on the
+        same input (q, k, v or gate, up) are shrunk now too and share one all-gather."""
+        hit = self._pending.pop((layer, module), None)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        group = [m for m in SIBLINGS[module] if m in meta.modules]
+        local = torch.cat([self._shrink(x, pool_layer, meta.strided, m) for m in group],
+                          dim=1)  # [T, k·R'], rank p's rows p, p+N, ... of each A
+        t, r = x.shape[0], local.shape[1] // len(group)
+        out = local.new_empty(self.world * t, local.shape[1])
+        _all_gather(out, local, group=self.group)  # [N·T, k·R']
+        # [N, T, k, R'] -> [k, T, R', N] -> [k, T, R'·N]: column j·N + p is x · A_pad[j·N + p]
+        # for every row whatever its adapter's rank (a shard's columns past it are zero).
+        full = out.view(self.world, t, len(group), r).permute(2, 1, 3, 0).reshape(
+            len(group), t, r * self.world)
+        for m, s in zip(group, full, strict=True):
+            if m != module:
+                self._pending[(layer, m)] = (x, s)
+        return full[group.index(module)]
