@@ -87,16 +87,21 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes to run")
     p.add_argument("--no-lora-tp", type=int, nargs="*", default=None,
                    help="TP sizes that also run without LoRA (default: every size above 1)")
-    p.add_argument("--num-requests", type=int, default=1000)
+    p.add_argument("--num-requests", type=int, default=300)
     p.add_argument("--sets-per-rank", type=int, default=4)
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--include", type=Path, nargs="*", default=[], metavar="JSON",
+                   help="earlier tp_bench records whose runs join this summary (to split the "
+                        "runs over several commands)")
     args = p.parse_args(argv)
     no_lora = args.no_lora_tp if args.no_lora_tp is not None else [t for t in args.tp if t > 1]
     plan = [(tp, n) for tp in args.tp for n in args.num_adapters]
     plan += [(tp, 0) for tp in no_lora if (tp, 0) not in plan]
     with tempfile.TemporaryDirectory(prefix="tp-bench-") as tmp:
         runs = [run_one(args, tp, n, extra, Path(tmp)) for tp, n in plan]
+    for path in args.include:
+        runs += json.loads(path.read_text())["runs"]
     rows = summarize(runs)
     date = datetime.datetime.now(datetime.timezone.utc)
     record = {
@@ -105,7 +110,8 @@ def main(argv: list[str]) -> int:
         "command": " ".join(["python", "bench/tp_bench.py", *sys.argv[1:]]),
         "machine": runs[0]["machine"], "versions": runs[0]["versions"],
         "shape": args.shape, "ranks": args.ranks, "summary": rows,
-        "runs": [{k: r[k] for k in ("config", "trace", "setup_s", "results")} for r in runs],
+        "runs": [{k: r[k] for k in ("machine", "config", "trace", "setup_s", "results")}
+                 for r in runs],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = runs[0]["machine"].get("gpu", "cpu").split()[-1].lower()
