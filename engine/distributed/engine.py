@@ -67,6 +67,9 @@ class TPOptions:
     name: str | None = None
     engine_config: EngineConfig = field(default_factory=EngineConfig)
     log_level: int = logging.INFO
+    # LoRA through the Triton kernels (None: on CUDA only; True on CPU runs them in Triton's
+    # interpreter when TRITON_INTERPRET=1, as the tests do to check the GPU path).
+    lora_kernels: bool | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -82,7 +85,8 @@ class TPOptions:
 class TensorParallelEngine(LLMEngine):
     """An LLMEngine over this rank's shard; rank 0 serves, the others run `follow_rank0()`."""
 
-    def __init__(self, parts: EngineParts, engine_config: EngineConfig, tp: TPGroup) -> None:
+    def __init__(self, parts: EngineParts, engine_config: EngineConfig, tp: TPGroup,
+                 lora_kernels: bool | None = None) -> None:
         self.tp = tp
         self.monitor: WorkerMonitor | None = None
         # Rank 0: what workers hold. Adapter id -> the pages they last wrote it to.
@@ -95,7 +99,8 @@ class TensorParallelEngine(LLMEngine):
             weakref.WeakValueDictionary()
         # Graph capture of steps with collectives is not done yet: TP steps run eagerly.
         super().__init__(parts, replace(engine_config, cuda_graphs=False),
-                         lambda pool: TensorParallelLoraOp(pool, tp.rank, tp.world, tp.compute))
+                         lambda pool: TensorParallelLoraOp(pool, tp.rank, tp.world, tp.compute,
+                                                           lora_kernels))
         lora_inside_reduce(self.model)
         if tp.rank == 0:
             self.runner.before_forward = self._send_step
@@ -300,7 +305,7 @@ def build_rank(opts: TPOptions, rank: int, port: int) -> TensorParallelEngine:
     model = _build_shard(loaded, max_pos, dtype, tp, cfg.seed)
     loaded.weights = None
     parts = EngineParts(model, loaded.config, loaded.tokenizer, opts.name or loaded.config.name)
-    return TensorParallelEngine(parts, cfg, tp)
+    return TensorParallelEngine(parts, cfg, tp, opts.lora_kernels)
 
 
 def start_tensor_parallel(opts: TPOptions, *, exit_on_failure: bool) -> TensorParallelEngine:

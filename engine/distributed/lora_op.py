@@ -45,13 +45,14 @@ class TensorParallelLoraOp(LoraOp):
     block_m = 16
     split_k = 4
 
-    def __init__(self, pool: DevicePool, rank: int, world: int,
-                 group: dist.ProcessGroup | None) -> None:
+    def __init__(self, pool: DevicePool, rank: int, world: int, group: dist.ProcessGroup | None,
+                 kernels: bool | None = None) -> None:
         super().__init__(pool)
         self.rank = rank
         self.world = world
         self.group = group
-        self.kernels = pool.data.device.type == "cuda"
+        # Triton kernels on CUDA; their torch twins elsewhere unless asked for.
+        self.kernels = pool.data.device.type == "cuda" if kernels is None else kernels
         # (layer, module) -> (its input, its gathered shrink [T, R'·N]) computed with a sibling.
         self._pending: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
