@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -89,15 +88,9 @@ def _run_engine_server(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"loraplane: cannot load model {args.model!r}: {e}") from None
     try:
-        code = _serve(engine, args)
+        return _serve(engine, args)
     finally:
-        failure = close_engine(engine)
-    if failure is not None:
-        # A tensor-parallel rank died: exit now, without waiting on the broken process group.
-        log.error("exiting: %s", failure)
-        logging.shutdown()
-        os._exit(1)
-    return code
+        close_engine(engine)  # a dead rank exits the process from the watcher instead
 
 
 def _serve(engine: LLMEngine, args: argparse.Namespace) -> int:

@@ -347,10 +347,7 @@ def build_engine(model: str, *, tensor_parallel_size: int = 1, device: str = "au
     return start_tensor_parallel(opts, exit_on_failure=exit_on_failure)
 
 
-def close_engine(engine: LLMEngine) -> str | None:
-    """Stop a tensor-parallel engine's workers; returns why it failed (a dead rank), if it did.
-    Nothing to do for a single-device engine."""
-    if not isinstance(engine, TensorParallelEngine):
-        return None
-    engine.close()
-    return engine.failure
+def close_engine(engine: LLMEngine) -> None:
+    """Stop a tensor-parallel engine's workers (nothing to do for a single-device engine)."""
+    if isinstance(engine, TensorParallelEngine):
+        engine.close()

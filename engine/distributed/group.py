@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ CONTROL_TIMEOUT = timedelta(days=30)
 # Model collectives: a rank stuck this long means the engine is broken.
 COMPUTE_TIMEOUT = timedelta(seconds=float(os.environ.get("LORAPLANE_TP_TIMEOUT_S", "600")))
 POLL_S = 0.2
+EXIT_GRACE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,13 @@ def spawn_workers(world: int, port: int, options_json: str) -> list[subprocess.P
 
 
 def exit_process(reason: str) -> None:
-    """Take the whole engine process down: SIGTERM (the HTTP server shuts down gracefully and
-    the command exits non-zero), then a hard exit if that has not happened in time."""
-    log.error("%s; stopping the engine", reason)
-    os.kill(os.getpid(), signal.SIGTERM)
-    timer = threading.Timer(60.0, os._exit, (1,))
-    timer.daemon = True
-    timer.start()
+    """Take the whole engine process down with exit code 1, after a short grace period in
+    which requests in flight get their error (the engine thread's next collective fails).
+    A hard exit: the process group is broken, and tearing it down may hang."""
+    time.sleep(EXIT_GRACE_S)
+    log.error("exiting: %s", reason)
+    logging.shutdown()
+    os._exit(1)
 
 
 class WorkerMonitor:
