@@ -285,6 +285,17 @@ def test_engine_process_serves_adapters_and_exits_when_a_worker_dies(
                                          temperature=0)
         assert with_adapter.choices[0].finish_reason == "length"
         assert with_adapter.choices[0].text != base.choices[0].text
+        # Loaded and unloaded over HTTP while serving: every rank reads the folder.
+        late = write_random_adapter(tmp_path / "late", TINY, 3, ("q_proj", "down_proj"), seed=9)
+        r = httpx.post(url + "/v1/load_lora_adapter",
+                       json={"lora_name": "late", "lora_path": str(late)}, timeout=60)
+        assert r.status_code == 200, r.text
+        out = client.completions.create(model="late", prompt="Hello there", max_tokens=8,
+                                        temperature=0)
+        assert out.choices[0].finish_reason == "length"
+        assert out.usage is not None and out.usage.completion_tokens == 8
+        r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "late"}, timeout=60)
+        assert r.status_code == 200, r.text
 
         # A long request in flight when rank 1 dies must end (error or cut short), not hang.
         ended = threading.Event()
