@@ -136,6 +136,8 @@ def test_unshardable_sizes_are_clear_errors() -> None:
     check_shardable(TINY, 2)
     with pytest.raises(ValueError, match="KV heads"):
         check_shardable(TINY, 4)  # tiny has 2 KV heads
+    with pytest.raises(ValueError, match="KV heads"):  # refused before any worker starts
+        build_engine("random:tiny", tensor_parallel_size=4, device="cpu")
 
 
 # ---- TP=2 in this process against TP=1 -----------------------------------------------------

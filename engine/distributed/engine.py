@@ -293,14 +293,16 @@ def _build_shard(loaded: LoadedModel, max_positions: int, dtype: torch.dtype, tp
     return model
 
 
-def build_rank(opts: TPOptions, rank: int, port: int) -> TensorParallelEngine:
+def build_rank(opts: TPOptions, rank: int, port: int,
+               loaded: LoadedModel | None = None) -> TensorParallelEngine:
     """Join the group and build this rank's engine (every rank runs this)."""
     cfg = opts.engine_config
     dev = rank_device(resolve_device(opts.device), rank)
     dtype = resolve_dtype(opts.dtype, dev)
+    if loaded is None:
+        loaded = load_model(opts.model)
+    check_shardable(loaded.config, opts.tensor_parallel_size)
     tp = init_group(rank, opts.tensor_parallel_size, port, dev)
-    loaded = load_model(opts.model)
-    check_shardable(loaded.config, tp.world)
     max_pos = min(loaded.config.max_position_embeddings, cfg.max_model_len or 1 << 30)
     model = _build_shard(loaded, max_pos, dtype, tp, cfg.seed)
     loaded.weights = None
@@ -318,11 +320,14 @@ def start_tensor_parallel(opts: TPOptions, *, exit_on_failure: bool) -> TensorPa
     if world < 2:
         raise ValueError("tensor parallelism needs a size of at least 2")
     rank_device(resolve_device(opts.device), world - 1)  # enough GPUs?
+    # A bad spec or a size that does not divide the model fails here, before any worker runs.
+    loaded = load_model(opts.model)
+    check_shardable(loaded.config, world)
     port = free_port()
     procs = spawn_workers(world, port, opts.to_json())
     monitor = WorkerMonitor(procs, exit_process if exit_on_failure else lambda reason: None)
     try:
-        engine = build_rank(opts, 0, port)
+        engine = build_rank(opts, 0, port, loaded)
     except BaseException:
         monitor.terminate()
         if dist.is_initialized():
