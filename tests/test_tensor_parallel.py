@@ -20,12 +20,7 @@ from torch import nn
 
 from loraplane.engine.adapters import LoraWeights, write_random_adapter
 from loraplane.engine.config import LORA_MODULES, NAMED_SHAPES, EngineConfig
-from loraplane.engine.distributed.engine import (
-    TensorParallelEngine,
-    TPOptions,
-    build_engine,
-    start_tensor_parallel,
-)
+from loraplane.engine.distributed.engine import TensorParallelEngine, build_engine
 from loraplane.engine.distributed.sharding import (
     ROW_PARALLEL,
     check_shardable,
@@ -211,28 +206,6 @@ def test_adapters_load_and_unload_on_every_rank(tp_engine: TensorParallelEngine,
     assert "bad" not in tp_engine.adapters
     gc.collect()
     assert tp_engine.report()[0] == tp_engine.report()[1]
-
-
-def test_tp2_with_triton_kernels_equals_tp1(adapter_dir: Path) -> None:
-    """The GPU path's kernels (shrink with split-K, expand into a column slice, ranks r_pad/N)
-    under Triton's CPU interpreter, which the workers inherit from the environment."""
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
-    single = LLMEngine.from_spec("random:tiny", device="cpu", dtype="float32", engine_config=CFG)
-    opts = TPOptions("random:tiny", 2, "cpu", "float32", engine_config=CFG, lora_kernels=True)
-    engine = start_tensor_parallel(opts, exit_on_failure=False)
-    try:
-        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-        prompts: list[str | list[int]] = [[5, 9, 13], list(range(3, 40)), [7], [20, 21, 22, 23]]
-        names: list[str | None] = ["r5", "r16", None, "r8"]
-        for engine_ in (single, engine):
-            for name in {n for n in names if n}:
-                engine_.load_adapter(name, str(adapter_dir / name))
-        want = [s.output_ids for s in single.generate(prompts, params, names)]
-        assert [s.output_ids for s in engine.generate(prompts, params, names)] == want
-    finally:
-        engine.close()
 
 
 # ---- real processes ----------------------------------------------------------------------

@@ -319,6 +319,8 @@ def start_tensor_parallel(opts: TPOptions, *, exit_on_failure: bool) -> TensorPa
     world = opts.tensor_parallel_size
     if world < 2:
         raise ValueError("tensor parallelism needs a size of at least 2")
+    if dist.is_initialized():
+        raise RuntimeError("this process already runs a tensor-parallel engine; close it first")
     rank_device(resolve_device(opts.device), world - 1)  # enough GPUs?
     # A bad spec or a size that does not divide the model fails here, before any worker runs.
     loaded = load_model(opts.model)
