@@ -139,10 +139,7 @@ class TensorParallelEngine(LLMEngine):
     def _send_step(self, ids: list[int], slices: list[SeqSlice],
                    segments: list[LoraSegment]) -> None:
         """Before rank 0's forward: the step's inputs and the adapter pages workers must write."""
-        for adapter_id, pages in list(self._mirror.items()):
-            a = self._live.get(adapter_id)
-            if a is None or a.pages != pages:
-                del self._mirror[adapter_id]  # evicted or moved since workers wrote it
+        evictions = self._stale()
         loads = []
         for seg in segments:
             a = seg.adapter
@@ -151,8 +148,20 @@ class TensorParallelEngine(LLMEngine):
                 self._mirror[a.id] = list(a.pages)
                 loads.append((a.id, list(a.pages)))
         msg = protocol.StepMessage(ids, slices, [(s.start, s.end, s.adapter.id) for s in segments],
-                                   loads, self._take_dropped())
+                                   loads, evictions, self._take_dropped())
         protocol.send(self.tp.control, protocol.STEP, *protocol.encode_step(msg))
+
+    def _stale(self) -> list[int]:
+        """Forget, and return, the adapters evicted or moved since the workers wrote them (their
+        pages may since hold KV or another adapter; a later use rewrites them)."""
+        stale = []
+        for adapter_id, pages in list(self._mirror.items()):
+            a = self._live.get(adapter_id)
+            if a is None or a.pages != pages:
+                del self._mirror[adapter_id]
+                if a is not None:  # a gone adapter is dropped instead
+                    stale.append(adapter_id)
+        return stale
 
     def _take_dropped(self) -> list[int]:
         out = []
@@ -168,11 +177,19 @@ class TensorParallelEngine(LLMEngine):
             raise EngineDeadError(f"tensor parallelism failed: {failure or e}") from e
 
     def report(self) -> list[list[list[int]]]:
-        """Per rank, [adapter id, first page or -1, pages] of each adapter it holds (tests)."""
-        protocol.send(self.tp.control, protocol.REPORT, [], self._take_dropped())
-        rows = [[i, a.pages[0] if a.pages else -1, len(a.pages or [])]
-                for i, a in sorted(self._live.items())]
+        """Per rank, [adapter id, first page or -1, pages] of each adapter it holds (tests).
+
+        Rank 0's row shows where workers must have each adapter now: in its pages when it is
+        resident and they have written it there, nowhere otherwise."""
+        msg = protocol.StepMessage([], [], [], [], self._stale(), self._take_dropped())
+        protocol.send(self.tp.control, protocol.STEP, *protocol.encode_step(msg))
+        protocol.send(self.tp.control, protocol.REPORT, [], [])
+        rows = [[i, *self._row(self._mirror.get(i))] for i in sorted(self._live)]
         return protocol.gather_rows(self.tp.control, self.tp.world, rows, 3)
+
+    @staticmethod
+    def _row(pages: list[int] | None) -> list[int]:
+        return [pages[0], len(pages)] if pages else [-1, 0]
 
     @property
     def failure(self) -> str | None:
@@ -206,10 +223,7 @@ class TensorParallelEngine(LLMEngine):
                 protocol.gather_errors(self.tp.control, self.tp.world,
                                        self._register(fields[0], name, path))
             elif kind == protocol.REPORT:
-                for adapter_id in payload:
-                    self._drop(adapter_id)
-                rows = [[i, a.pages[0] if a.pages else -1, len(a.pages or [])]
-                        for i, a in sorted(self._by_id.items())]
+                rows = [[i, *self._row(a.pages)] for i, a in sorted(self._by_id.items())]
                 protocol.gather_rows(self.tp.control, self.tp.world, rows, 3)
             elif kind == protocol.SHUTDOWN:
                 log.info("rank 0 asked this worker to exit")
@@ -254,6 +268,8 @@ class TensorParallelEngine(LLMEngine):
 
     @torch.inference_mode()
     def _run_step(self, msg: protocol.StepMessage) -> None:
+        for adapter_id in msg.evictions:
+            self._by_id[adapter_id].pages = None
         for adapter_id in msg.drops:
             self._drop(adapter_id)
         for adapter_id, pages in msg.loads:

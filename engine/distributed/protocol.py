@@ -26,6 +26,7 @@ class StepMessage:
     slices: list[SeqSlice]
     segments: list[tuple[int, int, int]]  # (row start, row end, adapter id)
     loads: list[tuple[int, list[int]]] = field(default_factory=list)  # (adapter id, pages)
+    evictions: list[int] = field(default_factory=list)  # adapters no longer in their pages
     drops: list[int] = field(default_factory=list)  # adapter ids gone on rank 0
 
 
@@ -52,7 +53,7 @@ def receive(group: dist.ProcessGroup) -> tuple[int, list[int], list[int]]:
 
 def encode_step(m: StepMessage) -> tuple[list[int], list[int]]:
     """(fields, payload): ids | slices (row, n, context, table length) | tables | segments |
-    loads (id, page count, pages) | drops."""
+    loads (id, page count, pages) | evictions | drops."""
     payload = list(m.ids)
     for s in m.slices:
         payload += [s.row, s.num_new, s.context_len, len(s.block_table)]
@@ -62,13 +63,14 @@ def encode_step(m: StepMessage) -> tuple[list[int], list[int]]:
         payload += list(seg)
     for adapter_id, pages in m.loads:
         payload += [adapter_id, len(pages), *pages]
-    payload += m.drops
-    fields = [len(m.ids), len(m.slices), len(m.segments), len(m.loads), len(m.drops)]
+    payload += m.evictions + m.drops
+    fields = [len(m.ids), len(m.slices), len(m.segments), len(m.loads), len(m.evictions),
+              len(m.drops)]
     return fields, payload
 
 
 def decode_step(fields: list[int], payload: list[int]) -> StepMessage:
-    n_ids, n_slices, n_segs, n_loads, n_drops = fields[:5]
+    n_ids, n_slices, n_segs, n_loads, n_evictions, n_drops = fields[:6]
     pos = n_ids
     heads = [payload[pos + 4 * i:pos + 4 * i + 4] for i in range(n_slices)]
     pos += 4 * n_slices
@@ -84,8 +86,9 @@ def decode_step(fields: list[int], payload: list[int]) -> StepMessage:
         adapter_id, count = payload[pos], payload[pos + 1]
         loads.append((adapter_id, payload[pos + 2:pos + 2 + count]))
         pos += 2 + count
-    drops = payload[pos:pos + n_drops]
-    return StepMessage(payload[:n_ids], slices, segments, loads, drops)
+    evictions = payload[pos:pos + n_evictions]
+    drops = payload[pos + n_evictions:pos + n_evictions + n_drops]
+    return StepMessage(payload[:n_ids], slices, segments, loads, evictions, drops)
 
 
 def encode_text(*parts: str) -> list[int]:
