@@ -39,6 +39,8 @@ def run_one(args: argparse.Namespace, tp: int, adapters: int, extra: list[str],
            "--num-adapters", str(adapters), "--tensor-parallel-size", str(tp), "--saturate",
            "--num-requests", str(args.num_requests), "--device", args.device,
            "--sets-per-rank", str(args.sets_per_rank), "--out", str(folder), *extra]
+    if not args.cuda_graphs:
+        cmd.append("--no-cuda-graphs")
     print("$ " + " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True)
     (path,) = folder.glob("*.json")
@@ -53,7 +55,7 @@ def summarize(runs: list[dict]) -> list[dict]:
     for r in runs:
         c, res = r["config"], r["results"]["loraplane"]
         rows.append({"tp": c["tensor_parallel_size"], "adapters": c["num_adapters"],
-                     **{k: res.get(k) for k in COLUMNS}})
+                     "graphs": c.get("cuda_graphs", False), **{k: res.get(k) for k in COLUMNS}})
     for row in rows:
         same = [o for o in rows if o["adapters"] == row["adapters"]]
         base = min(same, key=lambda o: o["tp"])
@@ -67,10 +69,11 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    names = ("tp", "adapters", *COLUMNS, "speedup", "scaling_efficiency", "lora_cost")
+    names = ("tp", "adapters", "graphs", *COLUMNS, "speedup", "scaling_efficiency",
+             "lora_cost")
     lines = ["  ".join(f"{n:>20}" for n in names)]
     for row in rows:
-        lines.append("  ".join(f"{row[n] if row[n] is not None else '-':>20}" for n in names))
+        lines.append("  ".join(f"{'-' if row[n] is None else str(row[n]):>20}" for n in names))
     return "\n".join(lines)
 
 
@@ -90,6 +93,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--num-requests", type=int, default=300)
     p.add_argument("--sets-per-rank", type=int, default=4)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="let TP=1 replay decode graphs (TP>1 runs eagerly; off by default so "
+                        "every size is compared eager to eager)")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--include", type=Path, nargs="*", default=[], metavar="JSON",
                    help="earlier tp_bench records whose runs join this summary (to split the "

@@ -58,6 +58,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, default=256)
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="shard the model and adapters over N GPUs (gloo ranks on CPU)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run decode steps eagerly (tensor-parallel steps always do)")
     p.add_argument("--baseline", default="none", choices=["none", "peft"],
                    help="peft: also run the same requests through HF transformers + PEFT")
     p.add_argument("--peft-batch-size", type=int, default=32,
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         pool_bytes=int(args.pool_memory * 2**30) if args.pool_memory else None,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_lora_rank=args.max_lora_rank, max_waiting=max(4096, args.num_requests),
-        seed=args.seed)
+        seed=args.seed, cuda_graphs=not args.no_cuda_graphs)
     t = time.monotonic()
     try:
         engine = build_engine(model_spec, tensor_parallel_size=args.tensor_parallel_size,
@@ -162,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         "config": {
             "setting": args.setting, "model": model_spec,
             "tensor_parallel_size": args.tensor_parallel_size,
+            "cuda_graphs": not args.no_cuda_graphs and args.tensor_parallel_size == 1,
             "dtype": str(dtype).removeprefix(
                 "torch."), "device": str(device), "ranks": list(ranks),
             "modules": list(args.modules), "num_adapters": args.num_adapters,
