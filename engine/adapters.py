@@ -47,12 +47,15 @@ class LoraWeights:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.bt.values()))
 
     def segments(self, config: ModelConfig) -> list[tuple[str, str, int]]:
-        """(module, "a"|"bt", n_elems per layer) in pool order: A then B^T for each module."""
+        """(module, "a"|"bt", n_elems per layer) in pool order: A then B^T for each module.
+
+        Sizes come from the tensors: a tensor-parallel shard's widths and padded rank differ
+        from the model's shapes (see distributed/sharding.py).
+        """
         out = []
         for m in self.modules:
-            fan_in, fan_out = config.module_shape(m)
-            out.append((m, "a", self.rank * fan_in))
-            out.append((m, "bt", self.rank * fan_out))
+            out.append((m, "a", self.a[m][0].numel()))
+            out.append((m, "bt", self.bt[m][0].numel()))
         return out
 
     def flatten(self, config: ModelConfig) -> torch.Tensor:

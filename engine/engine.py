@@ -90,7 +90,7 @@ class LLMEngine:
         self.engine_config = engine_config
         device = parts.model.embed_tokens.weight.device
         dtype = parts.model.embed_tokens.weight.dtype
-        layout = PoolLayout.for_model(parts.config, engine_config.block_size)
+        layout = self._pool_layout(parts.config, engine_config.block_size)
         num_pages = self._pool_pages(layout, dtype, device)
         self.pool = DevicePool(layout, num_pages, dtype, device)
         self.adapters = AdapterCache(self.pool, parts.config)
@@ -137,6 +137,10 @@ class LLMEngine:
         del loaded.weights
         parts = EngineParts(built, loaded.config, loaded.tokenizer, name or loaded.config.name)
         return cls(parts, cfg, clock=clock)
+
+    def _pool_layout(self, config: ModelConfig, block_size: int) -> PoolLayout:
+        """The pool's page and chunk sizes (a tensor-parallel engine holds its shard's heads)."""
+        return PoolLayout.for_model(config, block_size)
 
     def _pool_pages(self, layout: PoolLayout, dtype: torch.dtype, device: torch.device) -> int:
         page = layout.page_bytes(dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from loraplane.engine.attention import SeqSlice, TorchAttention, TritonAttention
@@ -15,6 +17,9 @@ from loraplane.engine.scheduler import ScheduledBatch
 from loraplane.engine.sequence import Sequence
 
 AttentionBackend = type[TorchAttention] | type[TritonAttention]
+# Called with a step's token ids, sequence slices and LoRA segments just before the eager
+# forward (tensor parallelism sends them to the other ranks there).
+StepHook = Callable[[list[int], list[SeqSlice], list[LoraSegment]], None]
 
 
 def default_attention(device: torch.device) -> AttentionBackend:
@@ -35,6 +40,7 @@ class ModelRunner:
         self.block_size = pool.layout.block_size
         self.attention = attention or default_attention(self.device)
         self.graphs = graphs  # decode steps replay captured CUDA graphs when set
+        self.before_forward: StepHook | None = None
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], torch.Tensor]:
@@ -65,6 +71,8 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sample_rows.append(row + n - 1)
                 samplers.append(seq)
+        if self.before_forward is not None:
+            self.before_forward(ids, slices, segments)
         dev = self.device
         meta = self.attention.build(slices, self.block_size, dev)
         self.lora.batch = self.lora.op.prepare(segments)

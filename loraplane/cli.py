@@ -8,7 +8,10 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from loraplane.engine.engine import LLMEngine
 
 log = logging.getLogger("loraplane")
 
@@ -48,6 +51,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="max prompt + completion tokens (default: the model's context)")
     p.add_argument("--max-lora-rank", type=int, default=256, help="refuse adapters above this")
     add_policy_args(p)
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="shard the model and the adapters over N GPUs (N processes: this one "
+                        "and N-1 workers it starts; gloo on CPU); default 1")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="log verbosity")
 
@@ -99,13 +105,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 def _run_engine_server(args: argparse.Namespace) -> int:
     """Build the engine, load --adapters, and serve HTTP until interrupted."""
-    from loraplane.engine.async_engine import AsyncEngine
     from loraplane.engine.config import EngineConfig
-    from loraplane.engine.engine import LLMEngine
-    from loraplane.engine.errors import EngineError
-    from loraplane.engine.server.app_main import run_server
+    from loraplane.engine.distributed.engine import build_engine, close_engine
 
-    for name in ("max_num_seqs", "max_num_batched_tokens", "max_lora_rank", "port"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_lora_rank", "port",
+                 "tensor_parallel_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
     cfg = EngineConfig(
@@ -118,10 +122,23 @@ def _run_engine_server(args: argparse.Namespace) -> int:
         **policy_config(args),
     )
     try:
-        engine = LLMEngine.from_spec(args.model, device=args.device, dtype=args.dtype,
-                                     engine_config=cfg, name=args.served_model_name)
+        engine = build_engine(args.model, tensor_parallel_size=args.tensor_parallel_size,
+                              device=args.device, dtype=args.dtype, engine_config=cfg,
+                              name=args.served_model_name)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"loraplane: cannot load model {args.model!r}: {e}") from None
+    try:
+        return _serve(engine, args)
+    finally:
+        close_engine(engine)  # a dead rank exits the process from the watcher instead
+
+
+def _serve(engine: LLMEngine, args: argparse.Namespace) -> int:
+    """Load --adapters into a built engine and serve its HTTP API until interrupted."""
+    from loraplane.engine.async_engine import AsyncEngine
+    from loraplane.engine.errors import EngineError
+    from loraplane.engine.server.app_main import run_server
+
     if args.adapters is not None:
         if not args.adapters.is_dir():
             raise SystemExit(f"loraplane: --adapters {args.adapters} is not a directory")

@@ -51,15 +51,26 @@ class WeightSets:
         self.config = config
         self.per_rank = per_rank
         self.sets: dict[tuple[int, int], LoraWeights] = {}
+        self.folders: dict[tuple[int, int], str] = {}  # set -> PEFT folder, once written
         wanted = sorted({(r, j % per_rank) for j, r in enumerate(ranks)})
         for rank, k in tqdm(wanted, desc="random weight sets", unit="set", leave=False):
             self.sets[(rank, k)] = random_weights(config, rank, modules, seed * 7919 + rank * 131
                                                   + k, dtype, device)
 
+    def write_folders(self, root: Path) -> None:
+        """Write every set as a PEFT folder under root; adapters then name it as their path
+        (tensor-parallel workers read their shards from there)."""
+        for (rank, k), weights in self.sets.items():
+            self.folders[(rank, k)] = str(write_peft_folder(weights, self.config,
+                                                            root / f"rank{rank}-set{k}"))
+
+    def _label(self, rank: int, k: int) -> str:
+        return self.folders.get((rank, k), f"synthetic:rank{rank}-set{k}")
+
     def of(self, index: int, rank: int) -> tuple[LoraWeights, str]:
-        """The weights adapter `index` uses and a path-like label naming its set."""
+        """The weights adapter `index` uses and its set's folder or a path-like label."""
         k = index % self.per_rank
-        return self.sets[(rank, k)], f"synthetic:rank{rank}-set{k}"
+        return self.sets[(rank, k)], self._label(rank, k)
 
     @property
     def ranks(self) -> list[int]:
@@ -68,7 +79,7 @@ class WeightSets:
     def first(self, rank: int) -> tuple[LoraWeights, str]:
         """A weight set of this rank (for warm-up adapters outside the trace)."""
         k = min(k for r, k in self.sets if r == rank)
-        return self.sets[(rank, k)], f"synthetic:rank{rank}-set{k}"
+        return self.sets[(rank, k)], self._label(rank, k)
 
     @property
     def host_bytes(self) -> int:

@@ -8,6 +8,7 @@ import datetime
 import gc
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,6 +65,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     # The engine's own policy flags; --slo-first-token (alias --slo) is also the SLO that
     # attainment is counted against.
     add_policy_args(p, several=True, slo_aliases=("--slo",))
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="shard the model and adapters over N GPUs (gloo ranks on CPU)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run decode steps eagerly (tensor-parallel steps always do)")
     p.add_argument("--baseline", default="none", choices=["none", "peft"],
                    help="peft: also run the same requests through HF transformers + PEFT")
     p.add_argument("--peft-batch-size", type=int, default=32,
@@ -77,9 +82,12 @@ def _check(args: argparse.Namespace, ranks: tuple[int, ...]) -> None:
     if args.baseline == "peft" and (args.cv_sweep or len(args.scheduling_policy) > 1):
         raise SystemExit("--baseline peft runs with one policy and one cv")
     for name in ("num_requests", "max_num_seqs", "max_num_batched_tokens", "sets_per_rank",
-                 "peft_batch_size"):
+                 "peft_batch_size", "tensor_parallel_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
+    if args.tensor_parallel_size > 1 and args.baseline != "none":
+        raise SystemExit("--baseline runs on one device; leave it out with "
+                         "--tensor-parallel-size")
     if any(not 1 <= r <= args.max_lora_rank for r in ranks):
         raise SystemExit(f"ranks {list(ranks)} must be in [1, --max-lora-rank "
                          f"{args.max_lora_rank}]")
@@ -95,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from loraplane.engine.bench.adapters import ADAPTER_STORAGE, WeightSets, register
     from loraplane.engine.bench.driver import replay, warm_up
     from loraplane.engine.bench.metrics import decode_steps, summarize
-    from loraplane.engine.engine import LLMEngine
+    from loraplane.engine.distributed.engine import build_engine, close_engine
     from loraplane.engine.policies import make_policy
 
     setting = SETTINGS[args.setting]
@@ -115,11 +123,11 @@ def run(args: argparse.Namespace) -> int:
         pool_bytes=int(args.pool_memory * 2**30) if args.pool_memory else None,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_lora_rank=args.max_lora_rank, max_waiting=max(4096, args.num_requests),
-        seed=args.seed, **policy_config(args))
+        seed=args.seed, cuda_graphs=not args.no_cuda_graphs, **policy_config(args))
     t = time.monotonic()
     try:
-        engine = LLMEngine.from_spec(model_spec, device=args.device, dtype=args.dtype,
-                                     engine_config=cfg)
+        engine = build_engine(model_spec, tensor_parallel_size=args.tensor_parallel_size,
+                              device=args.device, dtype=args.dtype, engine_config=cfg)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"loraplane bench: cannot load model {model_spec!r}: {e}") from None
     device, dtype = engine.pool.data.device, engine.pool.data.dtype
@@ -128,9 +136,12 @@ def run(args: argparse.Namespace) -> int:
     ranks_of = adapter_ranks(args.num_adapters, ranks)
     sets = None
     t = time.monotonic()
+    folders = tempfile.TemporaryDirectory(prefix="loraplane-bench-")
     if args.num_adapters:
         sets = WeightSets(model_cfg, ranks_of, tuple(args.modules), args.sets_per_rank,
                           args.seed, dtype, device)
+        if args.tensor_parallel_size > 1:
+            sets.write_folders(Path(folders.name))  # every rank reads its shards from there
     names = register(engine, sets, ranks_of) if sets is not None else []
     adapters_s = time.monotonic() - t
     warm_up(engine, sets, args.seed)
@@ -150,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
             "preemptions": played.preemptions, "adapters_resident_at_end":
                 stats.adapters_resident, "pool_pages": stats.pool_pages_total,
             "page_bytes": stats.page_bytes}
+    close_engine(engine)
+    folders.cleanup()
     pool_gib = stats.pool_pages_total * stats.page_bytes / 2**30
 
     if args.baseline == "peft":
@@ -173,7 +186,10 @@ def run(args: argparse.Namespace) -> int:
         "versions": report.versions(),
         "command": " ".join(["loraplane", "bench", *sys.argv[2:]]) if len(sys.argv) > 1 else "",
         "config": {
-            "setting": args.setting, "model": model_spec, "dtype": str(dtype).removeprefix(
+            "setting": args.setting, "model": model_spec,
+            "tensor_parallel_size": args.tensor_parallel_size,
+            "cuda_graphs": not args.no_cuda_graphs and args.tensor_parallel_size == 1,
+            "dtype": str(dtype).removeprefix(
                 "torch."), "device": str(device), "ranks": list(ranks),
             "modules": list(args.modules), "num_adapters": args.num_adapters,
             "adapter_storage": ADAPTER_STORAGE if sets is not None else None,

@@ -90,7 +90,8 @@ def write(record: dict, out_dir: Path) -> Path:
     if policies and policies != [DEFAULT_POLICY]:
         mode += "-" + "-".join(policies)
     base = (f"bench-{record['date'][:10]}-{_slug(m.get('gpu') or m['cpu'])[:32]}-{c['setting']}"
-            f"-n{c['num_adapters']}-{mode}" + ("-peft" if c["baseline"] == "peft" else ""))
+            f"-n{c['num_adapters']}-{mode}" + ("-peft" if c["baseline"] == "peft" else "")
+            + (f"-tp{c['tensor_parallel_size']}" if c.get("tensor_parallel_size", 1) > 1 else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{base}.json"
     k = 2
@@ -113,7 +114,8 @@ def header(record: dict) -> str:
         f"{c['num_requests']} requests, " + ("all at t=0 (saturate)" if c["saturate"] else
                                             f"rate {c['rate']} req/s cv {c['cv']}")
         + f", alpha {c['alpha']}, in {c['input_range']} out {c['output_range']}",
-        f"engine: max_num_seqs {c['max_num_seqs']}, max_num_batched_tokens "
-        f"{c['max_num_batched_tokens']}, pool {c['pool_gib']:.1f} GiB",
+        f"engine: tensor parallel {c.get('tensor_parallel_size', 1)}, max_num_seqs "
+        f"{c['max_num_seqs']}, max_num_batched_tokens {c['max_num_batched_tokens']}, pool "
+        f"{c['pool_gib']:.1f} GiB" + (" per GPU" if c.get("tensor_parallel_size", 1) > 1 else ""),
         f"date: {record['date']}",
     ])

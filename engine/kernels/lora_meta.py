@@ -45,9 +45,13 @@ class StaticShape:
     max_rank: int
 
 
-def _pack(segments: list[LoraSegment], block_m: int,
-          static: StaticShape | None) -> tuple[list[int], tuple[int, int, int], int, int]:
-    """Host int32 values [tiles | segs | offsets | pages] and the sizes of the first three."""
+def _pack(segments: list[LoraSegment], block_m: int, static: StaticShape | None,
+          ranks: list[int] | None = None) -> tuple[list[int], tuple[int, int, int], int, int]:
+    """Host int32 values [tiles | segs | offsets | pages] and the sizes of the first three.
+
+    ranks: the rank each segment's kernels use instead of its adapter's (tensor parallelism
+    reads a shard's rows of A with a rank of r_pad / N, see distributed/lora_op.py).
+    """
     tiles: list[int] = []
     segs: list[int] = []
     offsets: list[int] = []
@@ -60,13 +64,14 @@ def _pack(segments: list[LoraSegment], block_m: int,
         if a.id not in page_off:
             page_off[a.id] = len(pages)
             pages.extend(a.pages)
-        segs += [seg.start, seg.end, a.rank, page_off[a.id]]
+        rank = a.rank if ranks is None else ranks[s]
+        segs += [seg.start, seg.end, rank, page_off[a.id]]
         for m in LORA_MODULES:
             offsets += [a.offsets[(m, "a")][0], a.offsets[(m, "bt")][0]] \
                 if (m, "a") in a.offsets else [-1, -1]
         for row in range(seg.start, seg.end, block_m):
             tiles += [s, row]
-        max_rank = max(max_rank, a.rank)
+        max_rank = max(max_rank, rank)
     num_tiles = len(tiles) // TILE_FIELDS
     if static is not None:
         spare = static.segs - 1
@@ -95,9 +100,10 @@ def _views(flat: torch.Tensor, sizes: tuple[int, int, int], num_tiles: int,
     )
 
 
-def build_meta(segments: list[LoraSegment], block_m: int, device: torch.device) -> LoraKernelMeta:
+def build_meta(segments: list[LoraSegment], block_m: int, device: torch.device,
+               ranks: list[int] | None = None) -> LoraKernelMeta:
     """Pack the step's segments into one int32 buffer and copy it to the device once."""
-    values, sizes, num_tiles, max_rank = _pack(segments, block_m, None)
+    values, sizes, num_tiles, max_rank = _pack(segments, block_m, None, ranks)
     flat = torch.tensor(values, dtype=torch.int32)
     if device.type == "cuda":
         flat = flat.pin_memory().to(device, non_blocking=True)

@@ -1,0 +1,125 @@
+"""The batched multi-adapter LoRA op of one tensor-parallel rank (S-LoRA's partition).
+
+It reads the rank's adapter shards (sharding.shard_lora_weights) from the rank's pool with the
+same shrink/expand kernels as one GPU (their torch twins on CPU); only the ranks in the kernel
+metadata and two small collectives on [tokens, rank] tensors differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from loraplane.engine.distributed.sharding import ROW_PARALLEL, padded_rank
+from loraplane.engine.kernels.lora_expand import lora_expand, lora_expand_ref
+from loraplane.engine.kernels.lora_meta import LoraKernelMeta, build_meta
+from loraplane.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref
+from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment
+from loraplane.engine.memory_pool import DevicePool
+
+# torch 2.13 renamed all_gather_into_tensor (older versions have only that name).
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+# Column-parallel projections that read the same input in a layer.
+SIBLINGS = {m: group for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+            for m in group}
+
+
+@dataclass(frozen=True)
+class ShardedMeta:
+    """Two views of the step's segments: padded ranks r_pad, and r_pad / N for the strided
+    shrink of column-parallel modules; plus the modules any segment's adapter targets."""
+
+    full: LoraKernelMeta
+    strided: LoraKernelMeta
+    modules: frozenset[str]
+
+
+class TensorParallelLoraOp(LoraOp):
+    """Column-parallel: shrink [T, r_pad/N], all-gather to [T, r_pad], expand into the local
+    output shard. Row-parallel: shrink a partial [T, r_pad], all-reduce, expand into this rank's
+    columns of the partial output (which the base model's all-reduce then sums)."""
+
+    block_m = 16
+    split_k = 4
+
+    def __init__(self, pool: DevicePool, rank: int, world: int, group: dist.ProcessGroup | None,
+                 kernels: bool | None = None) -> None:
+        super().__init__(pool)
+        self.rank = rank
+        self.world = world
+        self.group = group
+        # Triton kernels on CUDA; their torch twins elsewhere unless asked for.
+        self.kernels = pool.data.device.type == "cuda" if kernels is None else kernels
+        # (layer, module) -> (its input, its gathered shrink [T, R'·N]) computed with a sibling.
+        self._pending: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def prepare(self, segments: list[LoraSegment]) -> LoraBatch:
+        self._pending.clear()
+        if not segments:
+            return LoraBatch([])
+        dev = self.pool.data.device
+        full = [padded_rank(s.adapter.rank, self.world) for s in segments]
+        modules = frozenset(m for s in segments for (m, kind) in s.adapter.offsets if kind == "a")
+        meta = ShardedMeta(build_meta(segments, self.block_m, dev, full),
+                           build_meta(segments, self.block_m, dev,
+                                      [r // self.world for r in full]), modules)
+        return LoraBatch(segments, meta)
+
+    def _shrink(self, x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
+                module: str) -> torch.Tensor:
+        lay = self.pool.layout
+        if self.kernels:
+            return lora_shrink(x, pool_layer, meta, module, lay.chunk, lay.chunks_per_page,
+                               self.block_m, self.split_k)
+        return lora_shrink_ref(x, pool_layer, meta, module, lay.chunk, lay.chunks_per_page)
+
+    def _expand(self, s: torch.Tensor, y: torch.Tensor, pool_layer: torch.Tensor,
+                meta: LoraKernelMeta, module: str) -> None:
+        lay = self.pool.layout
+        if self.kernels:
+            lora_expand(s, y, pool_layer, meta, module, lay.chunk, lay.chunks_per_page,
+                        self.block_m)
+        else:
+            lora_expand_ref(s, y, pool_layer, meta, module, lay.chunk, lay.chunks_per_page)
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, layer: int, module: str,
+              batch: LoraBatch) -> None:
+        meta = batch.kernel_meta
+        assert isinstance(meta, ShardedMeta)
+        if module not in meta.modules:
+            return  # the same on every rank: no collective is skipped by one rank only
+        pool_layer = self.pool.data[layer]  # [num_pages, page_elems]
+        if module in ROW_PARALLEL:
+            s = self._shrink(x, pool_layer, meta.full, module)  # [T, R] partial sums
+            dist.all_reduce(s, group=self.group)
+            width = y.shape[1] // self.world
+            cols = y[:, self.rank * width:(self.rank + 1) * width]  # [T, out/N] view
+            self._expand(s, cols, pool_layer, meta.full, module)
+            return
+        self._expand(self._gathered(x, pool_layer, meta, layer, module), y, pool_layer,
+                     meta.full, module)
+
+    def _gathered(self, x: torch.Tensor, pool_layer: torch.Tensor, meta: ShardedMeta,
+                  layer: int, module: str) -> torch.Tensor:
+        """The full shrink [T, R'·N] of a column-parallel module. Its targeted siblings on the
+        same input (q, k, v or gate, up) are shrunk now too and share one all-gather."""
+        hit = self._pending.pop((layer, module), None)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        group = [m for m in SIBLINGS[module] if m in meta.modules]
+        local = torch.cat([self._shrink(x, pool_layer, meta.strided, m) for m in group],
+                          dim=1)  # [T, k·R'], rank p's rows p, p+N, ... of each A
+        t, r = x.shape[0], local.shape[1] // len(group)
+        out = local.new_empty(self.world * t, local.shape[1])
+        _all_gather(out, local, group=self.group)  # [N·T, k·R']
+        # [N, T, k, R'] -> [k, T, R', N] -> [k, T, R'·N]: column j·N + p is x · A_pad[j·N + p]
+        # for every row whatever its adapter's rank (a shard's columns past it are zero).
+        full = out.view(self.world, t, len(group), r).permute(2, 1, 3, 0).reshape(
+            len(group), t, r * self.world)
+        for m, s in zip(group, full, strict=True):
+            if m != module:
+                self._pending[(layer, m)] = (x, s)
+        return full[group.index(module)]
