@@ -132,3 +132,9 @@ class EngineConfig:
     max_graph_batch: int = 64
     # When set, adapter paths must resolve inside one of these folders.
     adapter_roots: tuple[str, ...] = ()
+    # Bytes of host RAM for adapter weights in pool layout (pinned on CUDA), LRU.
+    host_cache_bytes: int = 8 << 30
+    # Bring the queue's next adapters and popular ones to host RAM and the GPU ahead of use.
+    prefetch: bool = True
+    # Threads reading adapters from their source into host RAM.
+    adapter_load_workers: int = 4

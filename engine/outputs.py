@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from loraplane.engine.errors import EngineError
+
 
 @dataclass
 class RequestOutput:
@@ -16,6 +18,9 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Set when the request ended on an error before any output (finish_reason "error"), e.g.
+    # its adapter's weights failed to load.
+    error: EngineError | None = None
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class AdapterInfo:
     modules: tuple[str, ...]
     num_bytes: int
     resident: bool  # its weights are in the device pool now
+    tier: str = "source"  # "gpu" | "host" | "source": the fastest tier holding its weights
 
 
 @dataclass
@@ -48,3 +54,13 @@ class EngineStats:
     requests_finished: dict[str, int] = field(default_factory=dict)  # finish_reason -> count
     last_batch_size: int = 0
     steps_total: int = 0
+    # Adapter tiers and prefetch (definitions in engine/prefetch.py).
+    adapters_host: int = 0  # registered adapters whose weights are in host RAM
+    host_cache_bytes_used: int = 0  # loaded + loading
+    host_cache_bytes_total: int = 0
+    adapter_prefetch_hits: int = 0
+    adapter_prefetch_misses: int = 0
+    adapter_prefetch_unused: int = 0
+    adapter_load_hidden_seconds: float = 0.0
+    adapter_load_exposed_seconds: float = 0.0
+    adapter_load_failures: int = 0

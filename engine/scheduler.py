@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -84,6 +85,8 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new.append(n)
             budget -= n
+        self.adapters.prefetch(list(dict.fromkeys(
+            s.adapter for s in itertools.islice(self.waiting, 256) if s.adapter))[:64])
         return batch
 
     def _pages(self, num_tokens: int) -> int:

@@ -144,11 +144,12 @@ class PoolMachine(RuleBasedStateMachine):
     def _register(self, name: str, rank: int, modules: tuple[str, ...], seed: int) -> None:
         if name in self.cache:
             return
-        adapter = self.cache.add(name, f"/adapters/{name}", random_weights(rank, modules, seed))
-        assert not adapter.resident  # host tier only until first use
+        weights = random_weights(rank, modules, seed)
+        adapter = self.cache.add(name, f"/adapters/{name}", weights)
+        assert not adapter.resident  # source tier only until first use
         assert self.cache.pages_needed(adapter) == adapter_pages(rank, modules)
         self.adapters.append(adapter)
-        self.flat[id(adapter)] = adapter.weights.flatten(CONFIG)
+        self.flat[id(adapter)] = weights.flatten(CONFIG)
 
     @rule(name=st.sampled_from(ADAPTER_NAMES))
     @guarded
