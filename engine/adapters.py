@@ -136,13 +136,15 @@ def read_weights(folder: str | Path, name: str, config: ModelConfig, spec: LoraS
     check_layout(index, spec.rank, config, name, SAFETENSORS_DTYPES)
     out = LoraWeights(rank=spec.rank, alpha=spec.alpha, scale=spec.scale, modules=spec.modules)
     for m in spec.modules:
-        for ab in ("A", "B"):
-            for layer, t in sorted(tensors[(m, ab)].items()):
-                if not torch.isfinite(t).all():
-                    where = f"layers.{layer}.{MODULE_PARENT[m]}.{m}.lora_{ab}"
-                    raise fail(name, f"{where} holds NaN or infinite values")
+        # One check per stacked module (few torch calls: this runs on a loader thread that
+        # shares the GIL with the engine), the culprit looked for only on failure.
         a = torch.stack([tensors[(m, "A")][i] for i in range(config.num_layers)]).float()
         b = torch.stack([tensors[(m, "B")][i] for i in range(config.num_layers)]).float()
+        for ab, stacked in (("A", a), ("B", b)):
+            if not torch.isfinite(stacked).all():
+                layer = next(i for i, t in enumerate(stacked) if not torch.isfinite(t).all())
+                where = f"layers.{layer}.{MODULE_PARENT[m]}.{m}.lora_{ab}"
+                raise fail(name, f"{where} holds NaN or infinite values")
         out.a[m] = a.contiguous()  # [L, r, in]
         out.bt[m] = (b.transpose(1, 2) * spec.scale).contiguous()  # [L, r, out], scale folded in
     return out

@@ -16,7 +16,6 @@ from loraplane.engine.adapter_format import (
     WEIGHTS_FILE,
     check_config,
     check_layout,
-    fail,
     header_length,
     parse_config,
     parse_header,
