@@ -1,4 +1,4 @@
-"""`loraplane bench` end to end on the tiny random model on CPU (three runs side by side)."""
+"""`loraplane bench` end to end on the tiny random model on CPU (four runs side by side)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ RUNS = {
     "lora": ["--num-adapters", "5"],
     "base": ["--num-adapters", "0"],
     "peft": ["--num-adapters", "5", "--ranks", "2", "4", "--baseline", "peft"],
+    # Adapters in a real source tier: folders on disk, a host tier smaller than them all.
+    "tiers": ["--num-adapters", "20", "--adapter-source", "disk", "--host-cache-memory",
+              "0.0005", "--max-num-seqs", "2"],
 }
 
 
@@ -51,6 +54,7 @@ def test_engine_with_adapters(results: dict[str, dict]) -> None:
     c = rec["config"]
     assert c["setting"] == "S1" and c["ranks"] == [8] and c["num_adapters"] == 5
     assert c["adapter_storage"] == "shared host tensors, distinct pool pages"
+    assert c["adapter_source"] == "memory" and c["prefetch"] is True
     assert c["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"] and c["saturate"]
     assert rec["machine"]["cpu"] and rec["versions"]["torch"]
     assert rec["date"] and "peft" not in rec["results"]
@@ -80,6 +84,21 @@ def test_peft_baseline(results: dict[str, dict]) -> None:
     _check_summary(peft, 12)
     assert peft["output_tokens"] == ours["output_tokens"]
     assert rec["ratios"]["req_per_s_vs_peft"] > 0
+
+
+def test_adapters_from_disk_through_the_tiers(results: dict[str, dict]) -> None:
+    rec = results["tiers"]
+    c = rec["config"]
+    assert c["adapter_source"] == "disk" and c["prefetch"] is True
+    assert c["host_cache_gib"] == 0.0005 and "own host buffer" in c["adapter_storage"]
+    r = rec["results"]["loraplane"]
+    _check_summary(r, 12)
+    # Every trace adapter was loaded once at least; requests queued behind max-num-seqs 2
+    # let prefetch bring some in ahead (hits), the first ones are loaded on admission.
+    assert r["prefetch_hits"] + r["prefetch_misses"] >= rec["trace"]["distinct_adapters_used"]
+    assert r["prefetch_misses"] >= 1 and r["adapter_load_failures"] == 0
+    assert r["adapter_load_hidden_s"] >= 0 and r["adapter_load_exposed_s"] >= 0
+    assert 0 <= r["adapter_load_hidden_share"] <= 1
 
 
 def test_rank_above_limit_is_refused(tmp_path: Path) -> None:

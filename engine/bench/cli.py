@@ -98,7 +98,7 @@ def tier_results(s: EngineStats) -> dict[str, float]:
             "adapter_load_hidden_s": s.adapter_load_hidden_seconds,
             "adapter_load_exposed_s": s.adapter_load_exposed_seconds,
             "adapter_load_failures": s.adapter_load_failures,
-            "host_cache_gib": round(s.host_cache_bytes_total / 2**30, 3)}
+            "host_cache_gib": round(s.host_cache_bytes_total / 2**30, 6)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
             "adapter_storage": ADAPTER_STORAGE[args.adapter_source] if sets is not None
             else None,
             "adapter_source": args.adapter_source if sets is not None else None,
-            "host_cache_gib": round(cfg.host_cache_bytes / 2**30, 3),
+            "host_cache_gib": round(cfg.host_cache_bytes / 2**30, 6),
             "prefetch": cfg.prefetch,
             "weight_sets_per_rank": args.sets_per_rank if sets is not None else None,
             "adapter_host_gib": round(sets.host_bytes / 2**30, 3) if sets is not None else 0,
