@@ -230,18 +230,10 @@ class AdapterCache:
         if not self.prefetch_enabled:
             return
         now = time.monotonic()
-        headroom = max(1, self.pool.pages.num_pages // HEADROOM_DIV)
         gpu_open = True
         for a in upcoming:
-            if a.error is not None or a.unloading or a.resident:
-                continue
-            if self.host.buffer(a) is not None:
-                if gpu_open and self._gpu_room(a, headroom, now):
-                    self._start_copy(a, PREFETCH)
-                else:
-                    gpu_open = False  # keep admission order: later ones do not jump ahead
-            else:
-                self._host_prefetch(a, now)
+            # Once one does not fit, later ones do not jump ahead of it (admission order).
+            gpu_open = self._prefetch_one(a, now, gpu_open)
         if now < self._next_popular:
             return
         self._next_popular = now + POPULAR_EVERY_S
@@ -254,8 +246,26 @@ class AdapterCache:
     # ---- tiers ----------------------------------------------------------------------------
 
     def note_request(self, adapter: Adapter) -> None:
-        """A request for the adapter arrived (popularity)."""
-        self.popularity.add(adapter)
+        """A request for the adapter arrived: count it (popularity) and, prefetching, start
+        moving the adapter up now rather than when the next step schedules."""
+        now = time.monotonic()
+        self.popularity.add(adapter, now)
+        if self.prefetch_enabled:
+            self._prefetch_one(adapter, now, True)
+
+    def _prefetch_one(self, adapter: Adapter, now: float, gpu: bool) -> bool:
+        """Start the next move up for one adapter (a GPU copy only if `gpu`); returns whether
+        a GPU copy could start (or none was needed)."""
+        if adapter.error is not None or adapter.unloading or adapter.resident:
+            return gpu
+        if self.host.buffer(adapter) is None:
+            self._host_prefetch(adapter, now)
+            return gpu
+        headroom = max(1, self.pool.pages.num_pages // HEADROOM_DIV)
+        if gpu and self._gpu_room(adapter, headroom, now):
+            self._start_copy(adapter, PREFETCH)
+            return True
+        return False
 
     def poll(self) -> None:
         """Collect finished host loads and host->GPU copies."""
