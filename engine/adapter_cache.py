@@ -101,6 +101,8 @@ class AdapterCache:
         self._dropping: list[Adapter] = []  # unregistered, waiting for running requests
         self._resident: dict[Adapter, None] = {}  # holding pool pages (registered or not)
         self._copying: list[Adapter] = []
+        # Unregistered adapters that acquire() loaded again for requests queued before.
+        self._orphans: dict[Adapter, None] = {}
         self._upcoming: dict[Adapter, int] = {}  # the last prefetch list: adapter -> position
         self.newly_failed: list[Adapter] = []  # for the engine to fail their queued requests
         self._next_popular = 0.0
@@ -150,6 +152,7 @@ class AdapterCache:
             self._forget(adapter)
         else:
             self._dropping.append(adapter)
+        self._sweep_orphans()
 
     def info(self, adapter: Adapter) -> AdapterInfo:
         """The adapter as the API sees it, with its tier."""
@@ -177,6 +180,8 @@ class AdapterCache:
         now = time.monotonic()
         if adapter.load is not None and adapter.load.need is None:
             adapter.load.need = now
+        if adapter.unloading:
+            self._orphans[adapter] = None  # may take host bytes or pages: swept when unneeded
         if not adapter.resident:
             if adapter.load is None:
                 adapter.load = Load(DEMAND, now, need=now)
@@ -227,6 +232,7 @@ class AdapterCache:
         """Move the queue's next adapters (and popular ones) up the tiers; see prefetch.py."""
         self.poll()
         self._upcoming = {a: i for i, a in enumerate(upcoming)}
+        self._sweep_orphans()
         if not self.prefetch_enabled:
             return
         now = time.monotonic()
@@ -421,6 +427,14 @@ class AdapterCache:
         """An unregistered adapter's last use ended: out of the pool and of host RAM."""
         self._evict(adapter)
         self.host.drop(adapter)
+        self._orphans.pop(adapter, None)
+
+    def _sweep_orphans(self) -> None:
+        """Unregistered adapters loaded for queued requests that are gone (aborted) or not
+        among the next ones: free what they hold (a queued request loads it again)."""
+        for a in list(self._orphans):
+            if a.active == 0 and a not in self._upcoming:
+                self._forget(a)
 
     def _mean_bytes(self) -> int:
         n = len(self._by_name)

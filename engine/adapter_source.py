@@ -5,6 +5,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+import torch
+
 from loraplane.engine.adapters import LoraSpec, LoraWeights, read_weights
 from loraplane.engine.config import ModelConfig
 
@@ -19,8 +21,8 @@ class AdapterSource(ABC):
         self.spec = spec
 
     @abstractmethod
-    def read(self) -> LoraWeights:
-        """The weights (validated, finite); raises InvalidAdapterError."""
+    def read(self, dtype: torch.dtype) -> LoraWeights:
+        """The weights (validated, finite), preferably in `dtype`; raises InvalidAdapterError."""
 
 
 class FolderSource(AdapterSource):
@@ -36,9 +38,9 @@ class FolderSource(AdapterSource):
         self.max_rank = max_rank
         self.max_bytes = max_bytes
 
-    def read(self) -> LoraWeights:
+    def read(self, dtype: torch.dtype) -> LoraWeights:
         return read_weights(self.folder, self.name, self.config, self.spec,
-                            max_rank=self.max_rank, max_bytes=self.max_bytes)
+                            max_rank=self.max_rank, max_bytes=self.max_bytes, dtype=dtype)
 
 
 class MemorySource(AdapterSource):
@@ -50,5 +52,5 @@ class MemorySource(AdapterSource):
         super().__init__(weights)
         self.weights = weights
 
-    def read(self) -> LoraWeights:
+    def read(self, dtype: torch.dtype) -> LoraWeights:
         return self.weights

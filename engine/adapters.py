@@ -68,11 +68,14 @@ class LoraWeights(LoraSpec):
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.bt.values()))
 
-    def flatten(self, config: ModelConfig) -> torch.Tensor:
-        """[num_layers, elems] in pool order, the layout the LoRA ops read back from the pool."""
+    def flatten(self, config: ModelConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[num_layers, elems] in pool order, the layout the LoRA ops read back from the pool
+        (written into `out`, e.g. a pinned buffer, when given)."""
         parts = [(self.a if kind == "a" else self.bt)[m].reshape(config.num_layers, -1)
                  for m, kind, _ in self.segments(config)]
-        return torch.cat(parts, dim=1)
+        if out is None:
+            return torch.cat(parts, dim=1)
+        return torch.cat([p.to(out.dtype) for p in parts], dim=1, out=out)
 
 
 def _read_config(folder: Path, name: str) -> dict:
@@ -115,9 +118,11 @@ def read_header(folder: str | Path, name: str, config: ModelConfig, *, max_rank:
 
 
 def read_weights(folder: str | Path, name: str, config: ModelConfig, spec: LoraSpec, *,
-                 max_rank: int, max_bytes: int) -> LoraWeights:
+                 max_rank: int, max_bytes: int,
+                 dtype: torch.dtype = torch.float32) -> LoraWeights:
     """Read the tensors of a folder registered with `spec` (checked again: the folder may have
-    changed since) and check their values are finite; raise InvalidAdapterError."""
+    changed since), check their values are finite, and hold them in `dtype`; raise
+    InvalidAdapterError."""
     if read_header(folder, name, config, max_rank=max_rank, max_bytes=max_bytes) != spec:
         raise fail(name, f"{folder} changed since it was registered (rank, alpha or modules)")
     tensors: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
@@ -138,15 +143,16 @@ def read_weights(folder: str | Path, name: str, config: ModelConfig, spec: LoraS
     for m in spec.modules:
         # One check per stacked module (few torch calls: this runs on a loader thread that
         # shares the GIL with the engine), the culprit looked for only on failure.
-        a = torch.stack([tensors[(m, "A")][i] for i in range(config.num_layers)]).float()
-        b = torch.stack([tensors[(m, "B")][i] for i in range(config.num_layers)]).float()
+        a = torch.stack([tensors[(m, "A")][i] for i in range(config.num_layers)]).to(dtype)
+        b = torch.stack([tensors[(m, "B")][i] for i in range(config.num_layers)]).to(dtype)
         for ab, stacked in (("A", a), ("B", b)):
             if not torch.isfinite(stacked).all():
                 layer = next(i for i, t in enumerate(stacked) if not torch.isfinite(t).all())
                 where = f"layers.{layer}.{MODULE_PARENT[m]}.{m}.lora_{ab}"
                 raise fail(name, f"{where} holds NaN or infinite values")
         out.a[m] = a.contiguous()  # [L, r, in]
-        out.bt[m] = (b.transpose(1, 2) * spec.scale).contiguous()  # [L, r, out], scale folded in
+        # [L, r, out], scale folded in (computed in float32 for half dtypes, then rounded once)
+        out.bt[m] = (b.transpose(1, 2) * spec.scale).contiguous()
     return out
 
 

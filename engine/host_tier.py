@@ -123,9 +123,10 @@ class HostTier(Generic[K]):
     def _read(self, source: AdapterSource) -> tuple[torch.Tensor, float]:
         """Read, lay out in pool order and dtype, pin (runs on a worker thread when blocking)."""
         t = time.monotonic()
-        flat = source.read().flatten(self.config)  # [L, elems]
-        buf = torch.empty(flat.shape, dtype=self.dtype, pin_memory=self.pin)
-        buf.copy_(flat)
+        weights = source.read(self.dtype)
+        elems = source.spec.elems_per_layer(self.config)
+        buf = torch.empty(self.config.num_layers, elems, dtype=self.dtype, pin_memory=self.pin)
+        weights.flatten(self.config, out=buf)  # [L, elems]
         return buf, time.monotonic() - t
 
     def poll(self) -> list[tuple[K, InvalidAdapterError | None]]:
