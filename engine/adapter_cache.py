@@ -385,7 +385,7 @@ class AdapterCache:
         cpp = self.pool.layout.chunks_per_page
         ids = (torch.tensor(pages, dtype=torch.int64)[:, None] * cpp + torch.arange(cpp)).view(-1)
         adapter.pages = pages
-        adapter.chunk_table = ids[: adapter.num_chunks].to(self.pool.data.device)
+        adapter.chunk_table = self.pool.to_device(ids[: adapter.num_chunks])
         consecutive = pages == list(range(pages[0], pages[0] + len(pages)))
         adapter.contiguous_start = pages[0] * cpp if consecutive else None
         adapter.last_used = now

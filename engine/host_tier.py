@@ -56,8 +56,10 @@ class HostTier(Generic[K]):
         self.max_loading = 2 * workers
 
     def nbytes(self, spec: LoraSpec) -> int:
-        """Host bytes of an adapter's buffer."""
-        return self.config.num_layers * spec.elems_per_layer(self.config) * self.dtype.itemsize
+        """Host bytes an adapter's buffer takes: pinned buffers count whole, as torch's pinned
+        allocator rounds each up to a power of two (S-LoRA shapes are powers of two already)."""
+        n = self.config.num_layers * spec.elems_per_layer(self.config) * self.dtype.itemsize
+        return 1 << (n - 1).bit_length() if self.pin and n > 1 else n
 
     def __contains__(self, key: K) -> bool:
         return key in self._entries
