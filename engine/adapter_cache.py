@@ -29,14 +29,11 @@ from loraplane.engine.errors import AdapterExistsError, InvalidAdapterError, Mod
 from loraplane.engine.host_tier import HostTier
 from loraplane.engine.memory_pool import ADAPTER, DevicePool
 from loraplane.engine.outputs import AdapterInfo
-from loraplane.engine.prefetch import DEMAND, PREFETCH, Load, Popularity, TierStats
+from loraplane.engine.prefetch import DEMAND, PREFETCH, Load, Popularity, Prefetcher, TierStats
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 
-# Pool pages a GPU prefetch leaves free for KV growth: 1/HEADROOM_DIV of the pool.
-HEADROOM_DIV = 16
-POPULAR_EVERY_S = 0.2  # how often the popularity pass of prefetch runs
 
 
 @dataclass(eq=False)
@@ -90,7 +87,6 @@ class AdapterCache:
                  load_workers: int = EngineConfig.adapter_load_workers) -> None:
         self.pool = pool
         self.config = config
-        self.prefetch_enabled = prefetch
         cuda = pool.data.device.type == "cuda"
         self.host: HostTier[Adapter] = HostTier(host_cache_bytes, config, pool.data.dtype,
                                                  pin=cuda, workers=load_workers)
@@ -99,13 +95,13 @@ class AdapterCache:
         self.popularity: Popularity[Adapter] = Popularity()
         self._by_name: dict[str, Adapter] = {}
         self._dropping: list[Adapter] = []  # unregistered, waiting for running requests
-        self._resident: dict[Adapter, None] = {}  # holding pool pages (registered or not)
+        self.resident_adapters: dict[Adapter, None] = {}  # holding pool pages (registered or not)
         self._copying: list[Adapter] = []
         # Unregistered adapters that acquire() loaded again for requests queued before.
         self._orphans: dict[Adapter, None] = {}
-        self._upcoming: dict[Adapter, int] = {}  # the last prefetch list: adapter -> position
+        self.upcoming: dict[Adapter, int] = {}  # the last prefetch list: adapter -> position
         self.newly_failed: list[Adapter] = []  # for the engine to fail their queued requests
-        self._next_popular = 0.0
+        self.prefetcher = Prefetcher(self) if prefetch else None
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
@@ -219,35 +215,22 @@ class AdapterCache:
             return True
 
         def order(a: Adapter) -> tuple[int, float]:
-            pos = self._upcoming.get(a)
+            pos = self.upcoming.get(a)
             return (1, -pos) if pos is not None else (0, a.last_used - a.unloading * 1e12)
 
-        for a in sorted((a for a in self._resident if a.active == 0), key=order):
+        for a in sorted((a for a in self.resident_adapters if a.active == 0), key=order):
             if self.pool.pages.num_free >= pages:
                 break
-            self._evict(a)
+            self.evict(a)
         return self.pool.pages.num_free >= pages
 
     def prefetch(self, upcoming: list[Adapter]) -> None:
         """Move the queue's next adapters (and popular ones) up the tiers; see prefetch.py."""
         self.poll()
-        self._upcoming = {a: i for i, a in enumerate(upcoming)}
+        self.upcoming = {a: i for i, a in enumerate(upcoming)}
         self._sweep_orphans()
-        if not self.prefetch_enabled:
-            return
-        now = time.monotonic()
-        gpu_open = True
-        for a in upcoming:
-            # Once one does not fit, later ones do not jump ahead of it (admission order).
-            gpu_open = self._prefetch_one(a, now, gpu_open)
-        if now < self._next_popular:
-            return
-        self._next_popular = now + POPULAR_EVERY_S
-        for a in self.popularity.top(self.host.capacity // max(1, self._mean_bytes()), now):
-            if self.host.num_loading >= self.host.max_loading:
-                break
-            if a.error is None and not a.unloading and a not in self.host:
-                self._host_prefetch(a, now)
+        if self.prefetcher is not None:
+            self.prefetcher.run(upcoming)
 
     # ---- tiers ----------------------------------------------------------------------------
 
@@ -256,22 +239,8 @@ class AdapterCache:
         moving the adapter up now rather than when the next step schedules."""
         now = time.monotonic()
         self.popularity.add(adapter, now)
-        if self.prefetch_enabled:
-            self._prefetch_one(adapter, now, True)
-
-    def _prefetch_one(self, adapter: Adapter, now: float, gpu: bool) -> bool:
-        """Start the next move up for one adapter (a GPU copy only if `gpu`); returns whether
-        a GPU copy could start (or none was needed)."""
-        if adapter.error is not None or adapter.unloading or adapter.resident:
-            return gpu
-        if self.host.buffer(adapter) is None:
-            self._host_prefetch(adapter, now)
-            return gpu
-        headroom = max(1, self.pool.pages.num_pages // HEADROOM_DIV)
-        if gpu and self._gpu_room(adapter, headroom, now):
-            self._start_copy(adapter, PREFETCH)
-            return True
-        return False
+        if self.prefetcher is not None:
+            self.prefetcher.one(adapter, now, gpu=True)
 
     def poll(self) -> None:
         """Collect finished host loads and host->GPU copies."""
@@ -297,7 +266,7 @@ class AdapterCache:
             self.host.wait(timeout)
         self.poll()
 
-    def _pinned(self, adapter: Adapter) -> bool:
+    def pinned(self, adapter: Adapter) -> bool:
         """Must stay in host RAM: in use by running requests or being copied from."""
         return adapter.active > 0 or adapter.copy_event is not None
 
@@ -305,15 +274,16 @@ class AdapterCache:
         """Demand path: host load or room + copy; True once the copy has started."""
         if self.host.buffer(adapter) is None and (
                 adapter in self.host
-                or not self._start_host_load(adapter, lambda a: not self._pinned(a))
+                or not self.start_host_load(adapter, lambda a: not self.pinned(a))
                 or not self.host.loaded(adapter)):
             return False  # loading on a worker thread (or no room yet)
         if not self.make_room(self.size_in_pages(adapter)):
             return False
-        self._start_copy(adapter, origin)
+        self.start_copy(adapter, origin)
         return True
 
-    def _start_host_load(self, adapter: Adapter, can_evict: Callable[[Adapter], bool]) -> bool:
+    def start_host_load(self, adapter: Adapter, can_evict: Callable[[Adapter], bool]) -> bool:
+        """Start a source->host load evicting only what `can_evict` allows; False if no room."""
         try:
             started = self.host.start(adapter, adapter.source, can_evict)
         except InvalidAdapterError as e:  # a non-blocking source failed at once
@@ -326,42 +296,7 @@ class AdapterCache:
             adapter.load.read_s = self.host.read_seconds(adapter)
         return started
 
-    def _host_prefetch(self, adapter: Adapter, now: float) -> None:
-        """Start a source->host load that evicts only idle, unneeded, less popular adapters."""
-        if adapter in self.host or self.host.num_loading >= self.host.max_loading:
-            return
-        pop = self.popularity.of(adapter, now)
-
-        def can_evict(v: Adapter) -> bool:
-            return (not self._pinned(v) and v not in self._upcoming and not v.resident
-                    and self.popularity.of(v, now) < pop)
-
-        fresh = adapter.load is None
-        if fresh:
-            adapter.load = Load(PREFETCH, now)
-        if not self._start_host_load(adapter, can_evict) and fresh:
-            adapter.load = None
-
-    def _gpu_room(self, adapter: Adapter, headroom: int, now: float) -> bool:
-        """Free pages for a prefetch beyond the headroom, evicting only idle adapters that are
-        neither upcoming nor at least as popular."""
-        need = self.size_in_pages(adapter) + headroom
-        free = self.pool.pages.num_free
-        if free >= need:
-            return True
-        pop = self.popularity.of(adapter, now)
-        victims = sorted((v for v in self._resident
-                          if v.active == 0 and v.copy_event is None and v not in self._upcoming
-                          and self.popularity.of(v, now) < pop), key=lambda v: v.last_used)
-        if free + sum(len(v.pages or ()) for v in victims) < need:
-            return False
-        for v in victims:
-            if self.pool.pages.num_free >= need:
-                break
-            self._evict(v)
-        return True
-
-    def _start_copy(self, adapter: Adapter, origin: str) -> None:
+    def start_copy(self, adapter: Adapter, origin: str) -> None:
         """Allocate pages and copy the host buffer into them (side stream on CUDA)."""
         buf = self.host.buffer(adapter)
         assert buf is not None
@@ -389,7 +324,7 @@ class AdapterCache:
         consecutive = pages == list(range(pages[0], pages[0] + len(pages)))
         adapter.contiguous_start = pages[0] * cpp if consecutive else None
         adapter.last_used = now
-        self._resident[adapter] = None
+        self.resident_adapters[adapter] = None
         if adapter.copy_event is None:
             adapter.load.ready = now
         log.debug("adapter %s to the pool in %d pages (%s)", adapter.name, len(pages), origin)
@@ -406,7 +341,7 @@ class AdapterCache:
             adapter.load.ready = time.monotonic()
         return True
 
-    def _evict(self, adapter: Adapter) -> None:
+    def evict(self, adapter: Adapter) -> None:
         """Give the adapter's pool pages back (it stays in host RAM if it is there)."""
         if adapter.pages is None:
             return
@@ -417,7 +352,7 @@ class AdapterCache:
             self.stats.prefetch_unused += 1
         adapter.load = None
         self.pool.pages.free(adapter.pages)
-        del self._resident[adapter]
+        del self.resident_adapters[adapter]
         adapter.pages = None
         adapter.chunk_table = None
         adapter.contiguous_start = None
@@ -425,7 +360,7 @@ class AdapterCache:
 
     def _forget(self, adapter: Adapter) -> None:
         """An unregistered adapter's last use ended: out of the pool and of host RAM."""
-        self._evict(adapter)
+        self.evict(adapter)
         self.host.drop(adapter)
         self._orphans.pop(adapter, None)
 
@@ -433,13 +368,8 @@ class AdapterCache:
         """Unregistered adapters loaded for queued requests that are gone (aborted) or not
         among the next ones: free what they hold (a queued request loads it again)."""
         for a in list(self._orphans):
-            if a.active == 0 and a not in self._upcoming:
+            if a.active == 0 and a not in self.upcoming:
                 self._forget(a)
-
-    def _mean_bytes(self) -> int:
-        n = len(self._by_name)
-        sample = list(itertools.islice(self._by_name.values(), 64))
-        return sum(self.host.nbytes(a.spec) for a in sample) // len(sample) if n else 1
 
     def num_resident(self) -> int:
         return sum(1 for a in self._by_name.values() if a.ready)
@@ -450,6 +380,6 @@ class AdapterCache:
     def check_invariants(self) -> None:
         """Resident adapters hold their pages; host bytes add up."""
         self.host.check_invariants()
-        for a in self._resident:
+        for a in self.resident_adapters:
             assert a.pages is not None and len(a.pages) == self.size_in_pages(a)
-        assert all(a in self._resident for a in self._copying)
+        assert all(a in self.resident_adapters for a in self._copying)

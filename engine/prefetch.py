@@ -27,13 +27,20 @@ Later requests for the same adapter while it stays resident count in neither.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from loraplane.engine.adapter_cache import Adapter, AdapterCache
 
 HALF_LIFE_S = 30.0
+# Pool pages a GPU prefetch leaves free for KV growth: 1/HEADROOM_DIV of the pool.
+HEADROOM_DIV = 16
+POPULAR_EVERY_S = 0.2  # how often the popularity pass runs
 PREFETCH = "prefetch"
 DEMAND = "demand"
 K = TypeVar("K", bound=Hashable)
@@ -119,3 +126,83 @@ class Popularity(Generic[K]):
                 del self._score[k]
         scored.sort(key=lambda sk: -sk[0])
         return [k for s, k in scored[:n] if s >= 1e-3]
+
+
+class Prefetcher:
+    """The policy above, over an AdapterCache's mechanisms (loads, copies, evictions)."""
+
+    def __init__(self, cache: AdapterCache) -> None:
+        self.cache = cache
+        self._next_popular = 0.0
+
+    def run(self, upcoming: list[Adapter]) -> None:
+        """One step: the queue's adapters in admission order, then now and then popular ones."""
+        now = time.monotonic()
+        gpu = True
+        for a in upcoming:
+            # Once one does not fit, later ones do not jump ahead of it (admission order).
+            gpu = self.one(a, now, gpu)
+        if now < self._next_popular:
+            return
+        self._next_popular = now + POPULAR_EVERY_S
+        host = self.cache.host
+        for a in self.cache.popularity.top(host.capacity // max(1, self._mean_bytes()), now):
+            if host.num_loading >= host.max_loading:
+                break
+            if a.error is None and not a.unloading and a not in host:
+                self._to_host(a, now)
+
+    def one(self, adapter: Adapter, now: float, gpu: bool) -> bool:
+        """Start the next move up for one adapter (a GPU copy only if `gpu`); returns whether
+        a later adapter may still start a GPU copy."""
+        if adapter.error is not None or adapter.unloading or adapter.resident:
+            return gpu
+        if self.cache.host.buffer(adapter) is None:
+            self._to_host(adapter, now)
+            return gpu
+        if gpu and self._gpu_room(adapter, now):
+            self.cache.start_copy(adapter, PREFETCH)
+            return True
+        return False
+
+    def _to_host(self, adapter: Adapter, now: float) -> None:
+        """Start a source->host load that evicts only idle, unneeded, less popular adapters."""
+        cache = self.cache
+        if adapter in cache.host or cache.host.num_loading >= cache.host.max_loading:
+            return
+        pop = cache.popularity.of(adapter, now)
+
+        def can_evict(v: Adapter) -> bool:
+            return (not cache.pinned(v) and v not in cache.upcoming and not v.resident
+                    and cache.popularity.of(v, now) < pop)
+
+        fresh = adapter.load is None
+        if fresh:
+            adapter.load = Load(PREFETCH, now)
+        if not cache.start_host_load(adapter, can_evict) and fresh:
+            adapter.load = None
+
+    def _gpu_room(self, adapter: Adapter, now: float) -> bool:
+        """Free pages for a prefetch beyond the KV headroom, evicting only idle adapters that
+        are neither upcoming nor at least as popular."""
+        cache = self.cache
+        pages = cache.pool.pages
+        need = cache.size_in_pages(adapter) + max(1, pages.num_pages // HEADROOM_DIV)
+        if pages.num_free >= need:
+            return True
+        pop = cache.popularity.of(adapter, now)
+        victims = sorted((v for v in cache.resident_adapters
+                          if v.active == 0 and v.copy_event is None and v not in cache.upcoming
+                          and cache.popularity.of(v, now) < pop), key=lambda v: v.last_used)
+        if pages.num_free + sum(len(v.pages or ()) for v in victims) < need:
+            return False
+        for v in victims:
+            if pages.num_free >= need:
+                break
+            cache.evict(v)
+        return True
+
+    def _mean_bytes(self) -> int:
+        """Host bytes of a typical registered adapter (a sample), to size the popular list."""
+        sample = list(itertools.islice(self.cache.all(), 64))
+        return sum(self.cache.host.nbytes(a.spec) for a in sample) // len(sample) if sample else 1
