@@ -292,6 +292,7 @@ class AdapterCache:
             self.stats.load_failures += 1
             self.newly_failed.append(adapter)
             return False
+        self.stats.host_loads += started
         if started and adapter.load is not None and self.host.buffer(adapter) is not None:
             adapter.load.read_s = self.host.read_seconds(adapter)
         return started

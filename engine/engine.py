@@ -304,6 +304,7 @@ class LLMEngine:
         s.adapter_load_hidden_seconds = t.load_hidden_s
         s.adapter_load_exposed_seconds = t.load_exposed_s
         s.adapter_load_failures = t.load_failures
+        s.adapter_host_loads = t.host_loads
         s.requests_finished = dict(self._finished)
         return s
 

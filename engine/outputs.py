@@ -64,3 +64,4 @@ class EngineStats:
     adapter_load_hidden_seconds: float = 0.0
     adapter_load_exposed_seconds: float = 0.0
     adapter_load_failures: int = 0
+    adapter_host_loads: int = 0  # source->host reads started

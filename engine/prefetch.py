@@ -8,8 +8,9 @@ and recent popularity (an exponentially decayed request count per adapter, half-
 2. starts source->host loads for upcoming adapters not in host RAM, then for the most popular
    ones, within a cap of loads in flight.
 Never thrash: a prefetch evicts (from the GPU or from host RAM) only idle adapters that are
-neither in `upcoming` nor at least as popular as the adapter it makes room for; adapters pinned
-by running requests or being copied are never evicted. Demand loads (`acquire`) follow plain LRU,
+neither in `upcoming` nor more than 1/HYSTERESIS as popular as the adapter it makes room for
+(so near-equal popularity, e.g. uniform traffic, never churns); adapters pinned by running
+requests or being copied are never evicted. Demand loads (`acquire`) follow plain LRU,
 with upcoming adapters evicted last.
 
 Accounting (`TierStats`), per load: a load is the chain that brings an adapter to the GPU (its
@@ -41,6 +42,7 @@ HALF_LIFE_S = 30.0
 # Pool pages a GPU prefetch leaves free for KV growth: 1/HEADROOM_DIV of the pool.
 HEADROOM_DIV = 16
 POPULAR_EVERY_S = 0.2  # how often the popularity pass runs
+HYSTERESIS = 2.0  # a prefetch evicts only adapters this many times less popular
 PREFETCH = "prefetch"
 DEMAND = "demand"
 K = TypeVar("K", bound=Hashable)
@@ -79,6 +81,7 @@ class TierStats:
     load_exposed_s: float = 0.0
     prefetch_unused: int = 0  # prefetched to the GPU, evicted before any request used it
     load_failures: int = 0
+    host_loads: int = 0  # source->host reads started (demand and prefetch)
 
     def admitted(self, load: Load) -> None:
         """Account a load whose first request was just admitted."""
@@ -174,7 +177,7 @@ class Prefetcher:
 
         def can_evict(v: Adapter) -> bool:
             return (not cache.pinned(v) and v not in cache.upcoming and not v.resident
-                    and cache.popularity.of(v, now) < pop)
+                    and cache.popularity.of(v, now) * HYSTERESIS < pop)
 
         fresh = adapter.load is None
         if fresh:
@@ -193,7 +196,8 @@ class Prefetcher:
         pop = cache.popularity.of(adapter, now)
         victims = sorted((v for v in cache.resident_adapters
                           if v.active == 0 and v.copy_event is None and v not in cache.upcoming
-                          and cache.popularity.of(v, now) < pop), key=lambda v: v.last_used)
+                          and cache.popularity.of(v, now) * HYSTERESIS < pop),
+                         key=lambda v: v.last_used)
         if pages.num_free + sum(len(v.pages or ()) for v in victims) < need:
             return False
         for v in victims:

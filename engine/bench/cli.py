@@ -98,6 +98,7 @@ def tier_results(s: EngineStats) -> dict[str, float]:
             "adapter_load_hidden_s": s.adapter_load_hidden_seconds,
             "adapter_load_exposed_s": s.adapter_load_exposed_seconds,
             "adapter_load_failures": s.adapter_load_failures,
+            "adapter_host_loads": s.adapter_host_loads,
             "host_cache_gib": round(s.host_cache_bytes_total / 2**30, 6)}
 
 

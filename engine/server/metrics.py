@@ -79,6 +79,9 @@ class EngineCollector(Collector):
         load.add_metric(["hidden"], s.adapter_load_hidden_seconds)
         load.add_metric(["exposed"], s.adapter_load_exposed_seconds)
         yield load
+        yield CounterMetricFamily("loraplane_adapter_host_loads",
+                                  "Adapter reads from the source tier into host RAM.",
+                                  value=s.adapter_host_loads)
         yield CounterMetricFamily("loraplane_adapter_load_failures",
                                   "Adapters whose weights failed to load.",
                                   value=s.adapter_load_failures)
