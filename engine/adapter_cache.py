@@ -1,31 +1,48 @@
-"""Registered adapters and their residency in the device pool (LRU among idle adapters)."""
+"""Registered adapters and their three tiers with one accounting: source, host RAM, GPU pool.
+
+- source: the adapter's folder (or tensors in memory); registration reads only its header.
+- host: `HostTier`, pool-layout buffers (pinned on CUDA), LRU by bytes, loaded on worker threads.
+- GPU: pages of the unified pool, pinned while requests run, evicted least recently used when
+  idle and memory is needed. Host->GPU copies run on a side CUDA stream (after the work already
+  queued on the compute stream, whose freed pages they may overwrite) with an event per adapter;
+  `acquire` admits an adapter only once its event is done, so the compute stream never waits for
+  a copy (the request waits in the queue instead, while the batch runs). On CPU copies are
+  synchronous.
+`prefetch` (policy in prefetch.py) moves adapters up ahead of admission; `acquire` never blocks
+on I/O: a miss starts what is needed and answers False, and the scheduler retries next step.
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from loraplane.engine.adapters import LoraWeights
-from loraplane.engine.config import ModelConfig
-from loraplane.engine.errors import AdapterExistsError, ModelNotFoundError
+from loraplane.engine.adapter_source import AdapterSource, MemorySource
+from loraplane.engine.adapters import LoraSpec, LoraWeights
+from loraplane.engine.config import EngineConfig, ModelConfig
+from loraplane.engine.errors import AdapterExistsError, InvalidAdapterError, ModelNotFoundError
+from loraplane.engine.host_tier import HostTier
 from loraplane.engine.memory_pool import ADAPTER, DevicePool
 from loraplane.engine.outputs import AdapterInfo
+from loraplane.engine.prefetch import DEMAND, PREFETCH, Load, Popularity, Prefetcher, TierStats
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 
 
+
 @dataclass(eq=False)
 class Adapter:
-    """One registered adapter: host weights, and pool pages while resident."""
+    """One registered adapter: its source and spec; pool pages while GPU-resident."""
 
     name: str
     path: str
-    weights: LoraWeights
+    source: AdapterSource
     # (module, "a"|"bt") -> (first chunk, number of chunks) within the adapter's per-layer layout.
     offsets: dict[tuple[str, str], tuple[int, int]]
     num_chunks: int
@@ -38,29 +55,53 @@ class Adapter:
     active: int = 0  # running sequences using it
     last_used: float = 0.0
     unloading: bool = False
+    copy_event: torch.cuda.Event | None = None  # host->GPU copy not yet seen complete
+    load: Load | None = None  # the way to the GPU in progress, until its first admission
+    error: InvalidAdapterError | None = None  # its weights failed to load: requests fail
+
+    @property
+    def spec(self) -> LoraSpec:
+        return self.source.spec
 
     @property
     def rank(self) -> int:
-        return self.weights.rank
+        return self.spec.rank
 
     @property
     def resident(self) -> bool:
+        """Holds pool pages (its copy may still be in flight: see `ready`)."""
         return self.pages is not None
 
-    def info(self) -> AdapterInfo:
-        w = self.weights
-        return AdapterInfo(self.name, self.path, w.rank, w.alpha, w.modules, w.num_bytes,
-                           self.resident)
+    @property
+    def ready(self) -> bool:
+        """GPU-resident and its copy complete: usable by a batch."""
+        return self.pages is not None and self.copy_event is None
 
 
 class AdapterCache:
-    """Name → Adapter registry; pages come from the unified pool on demand, LRU when idle."""
+    """Name -> Adapter registry over the three tiers; see the module docstring."""
 
-    def __init__(self, pool: DevicePool, config: ModelConfig) -> None:
+    def __init__(self, pool: DevicePool, config: ModelConfig, *,
+                 host_cache_bytes: int = EngineConfig.host_cache_bytes,
+                 prefetch: bool = True,
+                 load_workers: int = EngineConfig.adapter_load_workers) -> None:
         self.pool = pool
         self.config = config
+        cuda = pool.data.device.type == "cuda"
+        self.host: HostTier[Adapter] = HostTier(host_cache_bytes, config, pool.data.dtype,
+                                                 pin=cuda, workers=load_workers)
+        self.copy_stream = torch.cuda.Stream(pool.data.device) if cuda else None
+        self.stats = TierStats()
+        self.popularity: Popularity[Adapter] = Popularity()
         self._by_name: dict[str, Adapter] = {}
         self._dropping: list[Adapter] = []  # unregistered, waiting for running requests
+        self.resident_adapters: dict[Adapter, None] = {}  # holding pool pages (registered or not)
+        self._copying: list[Adapter] = []
+        # Unregistered adapters that acquire() loaded again for requests queued before.
+        self._orphans: dict[Adapter, None] = {}
+        self.upcoming: dict[Adapter, int] = {}  # the last prefetch list: adapter -> position
+        self.newly_failed: list[Adapter] = []  # for the engine to fail their queued requests
+        self.prefetcher = Prefetcher(self) if prefetch else None
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
@@ -77,17 +118,23 @@ class AdapterCache:
         except KeyError:
             raise ModelNotFoundError(f"The model `{name}` does not exist.", param="model") from None
 
-    def add(self, name: str, path: str, weights: LoraWeights) -> Adapter:
-        """Register validated weights under a name (host tier only until first use)."""
+    def add(self, name: str, path: str, source: AdapterSource | LoraWeights) -> Adapter:
+        """Register an adapter in the source tier (metadata only: nothing is read yet)."""
+        if isinstance(source, LoraWeights):
+            source = MemorySource(source)
         if name in self._by_name:
             raise AdapterExistsError(f"adapter {name!r} is already loaded", param="lora_name")
+        nbytes = self.host.nbytes(source.spec)
+        if nbytes > self.host.capacity:
+            raise InvalidAdapterError(f"adapter {name!r}: needs {nbytes} bytes of host memory, "
+                                      f"more than the host cache holds ({self.host.capacity})")
         offsets: dict[tuple[str, str], tuple[int, int]] = {}
         pos = 0
         chunk = self.pool.layout.chunk
-        for module, kind, elems in weights.segments(self.config):
+        for module, kind, elems in source.spec.segments(self.config):
             offsets[(module, kind)] = (pos, elems // chunk)
             pos += elems // chunk
-        adapter = Adapter(name, path, weights, offsets, pos)
+        adapter = Adapter(name, path, source, offsets, pos)
         self._by_name[name] = adapter
         return adapter
 
@@ -96,10 +143,19 @@ class AdapterCache:
         adapter = self.get(name)
         del self._by_name[name]
         adapter.unloading = True
+        self.popularity.forget(adapter)
         if adapter.active == 0:
-            self._evict(adapter)
+            self._forget(adapter)
         else:
             self._dropping.append(adapter)
+        self._sweep_orphans()
+
+    def info(self, adapter: Adapter) -> AdapterInfo:
+        """The adapter as the API sees it, with its tier."""
+        s = adapter.spec
+        tier = "gpu" if adapter.ready else "host" if self.host.loaded(adapter) else "source"
+        return AdapterInfo(adapter.name, adapter.path, s.rank, s.alpha, s.modules,
+                           self.host.nbytes(s), adapter.ready, tier)
 
     def size_in_pages(self, adapter: Adapter) -> int:
         """Pages the adapter occupies when resident."""
@@ -109,19 +165,32 @@ class AdapterCache:
         """Pages loading it would take now (0 when already resident)."""
         return 0 if adapter.resident else self.size_in_pages(adapter)
 
+    # ---- the scheduler's interface --------------------------------------------------------
+
     def acquire(self, adapter: Adapter) -> bool:
-        """Make the adapter resident (evicting idle ones if needed) and pin it; False if no room."""
+        """Pin the adapter if it is usable on the GPU now; otherwise start what it needs (host
+        load, room, copy) without blocking and answer False."""
+        self.poll()
+        if adapter.error is not None:
+            return False
+        now = time.monotonic()
+        if adapter.load is not None and adapter.load.need is None:
+            adapter.load.need = now
+        if adapter.unloading:
+            self._orphans[adapter] = None  # may take host bytes or pages: swept when unneeded
         if not adapter.resident:
-            need = self.pages_needed(adapter)
-            if not self.make_room(need):
+            if adapter.load is None:
+                adapter.load = Load(DEMAND, now, need=now)
+            if not self._to_gpu(adapter, DEMAND):
                 return False
-            self._load(adapter, self.pool.pages.allocate(need, ADAPTER))
-            if adapter.unloading:
-                # Unregistered while a request that uses it was queued: it serves the requests
-                # already accepted and goes again with its last user, as in remove().
-                self._dropping.append(adapter)
+        if not self._copy_done(adapter):
+            return False
+        if adapter.active == 0 and adapter.unloading:
+            # Unregistered while a request that uses it was queued: it serves the requests
+            # already accepted and goes with its last user, as in remove().
+            self._dropping.append(adapter)
         adapter.active += 1
-        adapter.last_used = time.monotonic()
+        adapter.last_used = now
         return True
 
     def release(self, adapter: Adapter) -> None:
@@ -131,41 +200,187 @@ class AdapterCache:
         adapter.last_used = time.monotonic()
         if adapter.unloading and adapter.active == 0:
             self._dropping.remove(adapter)
-            self._evict(adapter)
+            self._forget(adapter)
 
-    def prefetch(self, upcoming: list[Adapter]) -> None:
-        """Hint: the adapters the scheduler will admit next, in order (the tiers work loads them
-        ahead; adapters here are loaded on first use, so there is nothing to do yet)."""
+    def admitted(self, adapter: Adapter) -> None:
+        """A request using the adapter was admitted: close its load's accounting."""
+        if adapter.load is not None and adapter.ready:
+            self.stats.admitted(adapter.load)
+            adapter.load = None
 
     def make_room(self, pages: int) -> bool:
-        """Evict idle resident adapters, least recently used first, until `pages` are free."""
+        """Evict idle resident adapters until `pages` are free: unregistered ones, then least
+        recently used ones, then the adapters the queue needs, needed last kept longest."""
         if self.pool.pages.num_free >= pages:
             return True
-        idle = sorted((a for a in self._by_name.values() if a.resident and a.active == 0),
-                      key=lambda a: a.last_used)
-        for a in idle:
+
+        def order(a: Adapter) -> tuple[int, float]:
+            pos = self.upcoming.get(a)
+            return (1, -pos) if pos is not None else (0, a.last_used - a.unloading * 1e12)
+
+        for a in sorted((a for a in self.resident_adapters if a.active == 0), key=order):
             if self.pool.pages.num_free >= pages:
                 break
-            self._evict(a)
+            self.evict(a)
         return self.pool.pages.num_free >= pages
 
-    def _load(self, adapter: Adapter, pages: list[int]) -> None:
-        self.pool.write_pages(pages, adapter.weights.flatten(self.config))
+    def prefetch(self, upcoming: list[Adapter]) -> None:
+        """Move the queue's next adapters (and popular ones) up the tiers; see prefetch.py."""
+        self.poll()
+        self.upcoming = {a: i for i, a in enumerate(upcoming)}
+        self._sweep_orphans()
+        if self.prefetcher is not None:
+            self.prefetcher.run(upcoming)
+
+    # ---- tiers ----------------------------------------------------------------------------
+
+    def note_request(self, adapter: Adapter) -> None:
+        """A request for the adapter arrived: count it (popularity) and, prefetching, start
+        moving the adapter up now rather than when the next step schedules."""
+        now = time.monotonic()
+        self.popularity.add(adapter, now)
+        if self.prefetcher is not None:
+            self.prefetcher.one(adapter, now, gpu=True)
+
+    def poll(self) -> None:
+        """Collect finished host loads and host->GPU copies."""
+        for adapter, error in self.host.poll():
+            if adapter.load is not None:
+                adapter.load.read_s = self.host.read_seconds(adapter)
+            if error is not None:
+                log.warning("adapter %s failed to load: %s", adapter.name, error.message)
+                adapter.error = error
+                adapter.load = None
+                self.stats.load_failures += 1
+                self.newly_failed.append(adapter)
+        for adapter in list(self._copying):
+            self._copy_done(adapter)
+
+    def wait(self, timeout: float = 0.01) -> None:
+        """Block until a host load or copy in flight finishes (or timeout): nothing to run."""
+        if self._copying:
+            ev = self._copying[0].copy_event
+            if ev is not None:
+                ev.synchronize()
+        else:
+            self.host.wait(timeout)
+        self.poll()
+
+    def pinned(self, adapter: Adapter) -> bool:
+        """Must stay in host RAM: in use by running requests or being copied from."""
+        return adapter.active > 0 or adapter.copy_event is not None
+
+    def _to_gpu(self, adapter: Adapter, origin: str) -> bool:
+        """Demand path: host load or room + copy; True once the copy has started."""
+        if self.host.buffer(adapter) is None and (
+                adapter in self.host
+                or not self.start_host_load(adapter, lambda a: not self.pinned(a))
+                or not self.host.loaded(adapter)):
+            return False  # loading on a worker thread (or no room yet)
+        if not self.make_room(self.size_in_pages(adapter)):
+            return False
+        self.start_copy(adapter, origin)
+        return True
+
+    def start_host_load(self, adapter: Adapter, can_evict: Callable[[Adapter], bool]) -> bool:
+        """Start a source->host load evicting only what `can_evict` allows; False if no room."""
+        try:
+            started = self.host.start(adapter, adapter.source, can_evict)
+        except InvalidAdapterError as e:  # a non-blocking source failed at once
+            adapter.error = e
+            adapter.load = None
+            self.stats.load_failures += 1
+            self.newly_failed.append(adapter)
+            return False
+        self.stats.host_loads += started
+        if started and adapter.load is not None and self.host.buffer(adapter) is not None:
+            adapter.load.read_s = self.host.read_seconds(adapter)
+        return started
+
+    def start_copy(self, adapter: Adapter, origin: str) -> None:
+        """Allocate pages and copy the host buffer into them (side stream on CUDA)."""
+        buf = self.host.buffer(adapter)
+        assert buf is not None
+        now = time.monotonic()
+        if adapter.load is None:
+            adapter.load = Load(origin, now)
+        adapter.load.origin = origin
+        adapter.load.copy_start = now
+        pages = self.pool.pages.allocate(self.size_in_pages(adapter), ADAPTER)
+        if self.copy_stream is None:
+            self.pool.write_pages(pages, buf)
+        else:
+            # After everything queued on the compute stream: it may still use these pages.
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.pool.data.device))
+            with torch.cuda.stream(self.copy_stream):
+                self.pool.write_pages(pages, buf)
+                ev = torch.cuda.Event()
+                ev.record(self.copy_stream)
+            adapter.copy_event = ev
+            self._copying.append(adapter)
         cpp = self.pool.layout.chunks_per_page
         ids = (torch.tensor(pages, dtype=torch.int64)[:, None] * cpp + torch.arange(cpp)).view(-1)
         adapter.pages = pages
-        adapter.chunk_table = ids[: adapter.num_chunks].to(self.pool.data.device)
+        adapter.chunk_table = self.pool.to_device(ids[: adapter.num_chunks])
         consecutive = pages == list(range(pages[0], pages[0] + len(pages)))
         adapter.contiguous_start = pages[0] * cpp if consecutive else None
-        log.debug("adapter %s resident in %d pages", adapter.name, len(pages))
+        adapter.last_used = now
+        self.resident_adapters[adapter] = None
+        if adapter.copy_event is None:
+            adapter.load.ready = now
+        log.debug("adapter %s to the pool in %d pages (%s)", adapter.name, len(pages), origin)
 
-    def _evict(self, adapter: Adapter) -> None:
-        if adapter.pages is not None:
-            self.pool.pages.free(adapter.pages)
-            adapter.pages = None
-            adapter.chunk_table = None
-            adapter.contiguous_start = None
-            log.debug("adapter %s evicted from the pool", adapter.name)
+    def _copy_done(self, adapter: Adapter) -> bool:
+        ev = adapter.copy_event
+        if ev is None:
+            return True
+        if not ev.query():
+            return False
+        adapter.copy_event = None
+        self._copying.remove(adapter)
+        if adapter.load is not None:
+            adapter.load.ready = time.monotonic()
+        return True
+
+    def evict(self, adapter: Adapter) -> None:
+        """Give the adapter's pool pages back (it stays in host RAM if it is there)."""
+        if adapter.pages is None:
+            return
+        if adapter.copy_event is not None:  # its pages are being written: let the copy end
+            adapter.copy_event.synchronize()
+            self._copy_done(adapter)
+        if adapter.load is not None and adapter.load.origin == PREFETCH:
+            self.stats.prefetch_unused += 1
+        adapter.load = None
+        self.pool.pages.free(adapter.pages)
+        del self.resident_adapters[adapter]
+        adapter.pages = None
+        adapter.chunk_table = None
+        adapter.contiguous_start = None
+        log.debug("adapter %s evicted from the pool", adapter.name)
+
+    def _forget(self, adapter: Adapter) -> None:
+        """An unregistered adapter's last use ended: out of the pool and of host RAM."""
+        self.evict(adapter)
+        self.host.drop(adapter)
+        self._orphans.pop(adapter, None)
+
+    def _sweep_orphans(self) -> None:
+        """Unregistered adapters loaded for queued requests that are gone (aborted) or not
+        among the next ones: free what they hold (a queued request loads it again)."""
+        for a in list(self._orphans):
+            if a.active == 0 and a not in self.upcoming:
+                self._forget(a)
 
     def num_resident(self) -> int:
-        return sum(1 for a in self._by_name.values() if a.resident)
+        return sum(1 for a in self._by_name.values() if a.ready)
+
+    def num_host(self) -> int:
+        return sum(1 for a in self._by_name.values() if self.host.loaded(a))
+
+    def check_invariants(self) -> None:
+        """Resident adapters hold their pages; host bytes add up."""
+        self.host.check_invariants()
+        for a in self.resident_adapters:
+            assert a.pages is not None and len(a.pages) == self.size_in_pages(a)
+        assert all(a in self.resident_adapters for a in self._copying)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from collections.abc import Collection
 
 from loraplane.engine.config import LORA_MODULES, ModelConfig
@@ -18,6 +19,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 16 << 20
 # safetensors header dtype names the engine accepts, and how a person knows them.
 SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
@@ -128,6 +130,27 @@ def index_safetensors_header(header: dict, name: str, config: ModelConfig) -> Te
         found.setdefault((module, ab), {})[layer] = (str(meta.get("dtype")),
                                                      tuple(int(d) for d in meta["shape"]))
     return found
+
+
+def header_length(prefix: bytes, file_size: int, name: str) -> int:
+    """The safetensors header length from the file's first 8 bytes, bounded and sane."""
+    if len(prefix) < 8:
+        raise fail(name, f"cannot read {WEIGHTS_FILE}: file shorter than 8 bytes")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n < 2 or n > MAX_HEADER_BYTES or 8 + n > file_size:
+        raise fail(name, f"cannot read {WEIGHTS_FILE}: header length {n} is invalid")
+    return n
+
+
+def parse_header(header_bytes: bytes, name: str, config: ModelConfig) -> TensorIndex:
+    """The safetensors header JSON's bytes -> TensorIndex; refuses malformed headers."""
+    try:
+        header = json.loads(header_bytes.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise fail(name, f"cannot read {WEIGHTS_FILE}: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise fail(name, f"cannot read {WEIGHTS_FILE}: header is not a JSON object")
+    return index_safetensors_header(header, name, config)
 
 
 def scale_of(rank: int, alpha: float, rslora: bool) -> float:

@@ -13,32 +13,54 @@ from loraplane.engine.adapter_format import (
     MAX_CONFIG_BYTES,
     MODULE_PARENT,
     PICKLE_SUFFIXES,
+    SAFETENSORS_DTYPES,
     WEIGHTS_FILE,
     TensorIndex,
     check_config,
     check_layout,
     fail,
+    header_length,
     parse_config,
+    parse_header,
     parse_key,
     scale_of,
 )
 from loraplane.engine.config import ModelConfig
 from loraplane.engine.errors import InvalidAdapterError
 
-__all__ = ["ALLOWED_DTYPES", "CONFIG_FILE", "PICKLE_SUFFIXES", "WEIGHTS_FILE", "LoraWeights",
-           "read_adapter", "write_random_adapter"]
+__all__ = ["CONFIG_FILE", "PICKLE_SUFFIXES", "WEIGHTS_FILE", "LoraSpec", "LoraWeights",
+           "read_adapter", "read_header", "read_weights", "write_random_adapter"]
 
-ALLOWED_DTYPES = {torch.float16, torch.bfloat16, torch.float32}
-
+# torch dtypes as safetensors names them, to check read tensors like header entries.
+TORCH_TO_SAFETENSORS = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 
 @dataclass
-class LoraWeights:
-    """One adapter's weights on the host: per module, A [L, r, in] and B^T [L, r, out] * scale."""
+class LoraSpec:
+    """What an adapter's config and safetensors header say: no tensors (metadata only)."""
 
     rank: int
     alpha: float
     scale: float
     modules: tuple[str, ...]
+
+    def segments(self, config: ModelConfig) -> list[tuple[str, str, int]]:
+        """(module, "a"|"bt", n_elems per layer) in pool order: A then B^T for each module."""
+        out = []
+        for m in self.modules:
+            fan_in, fan_out = config.module_shape(m)
+            out.append((m, "a", self.rank * fan_in))
+            out.append((m, "bt", self.rank * fan_out))
+        return out
+
+    def elems_per_layer(self, config: ModelConfig) -> int:
+        """Elements of one layer's weights in pool order (the width of `flatten`)."""
+        return sum(n for _, _, n in self.segments(config))
+
+
+@dataclass
+class LoraWeights(LoraSpec):
+    """One adapter's weights on the host: per module, A [L, r, in] and B^T [L, r, out] * scale."""
+
     a: dict[str, torch.Tensor] = field(default_factory=dict)
     bt: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -47,22 +69,22 @@ class LoraWeights:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.bt.values()))
 
     def segments(self, config: ModelConfig) -> list[tuple[str, str, int]]:
-        """(module, "a"|"bt", n_elems per layer) in pool order: A then B^T for each module.
-
-        Sizes come from the tensors: a tensor-parallel shard's widths and padded rank differ
-        from the model's shapes (see distributed/sharding.py).
-        """
+        """As LoraSpec's, but sized from the tensors: a tensor-parallel shard's widths and padded
+        rank differ from the model's shapes (see distributed/sharding.py)."""
         out = []
         for m in self.modules:
             out.append((m, "a", self.a[m][0].numel()))
             out.append((m, "bt", self.bt[m][0].numel()))
         return out
 
-    def flatten(self, config: ModelConfig) -> torch.Tensor:
-        """[num_layers, elems] in pool order, the layout the LoRA ops read back from the pool."""
+    def flatten(self, config: ModelConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[num_layers, elems] in pool order, the layout the LoRA ops read back from the pool
+        (written into `out`, e.g. a pinned buffer, when given)."""
         parts = [(self.a if kind == "a" else self.bt)[m].reshape(config.num_layers, -1)
                  for m, kind, _ in self.segments(config)]
-        return torch.cat(parts, dim=1)
+        if out is None:
+            return torch.cat(parts, dim=1)
+        return torch.cat([p.to(out.dtype) for p in parts], dim=1, out=out)
 
 
 def _read_config(folder: Path, name: str) -> dict:
@@ -74,9 +96,10 @@ def _read_config(folder: Path, name: str) -> dict:
     return parse_config(path.read_bytes(), name)
 
 
-def read_adapter(folder: str | Path, name: str, config: ModelConfig, *, max_rank: int,
-                 max_bytes: int) -> LoraWeights:
-    """Read and validate a PEFT LoRA folder against the base model; raise InvalidAdapterError."""
+def read_header(folder: str | Path, name: str, config: ModelConfig, *, max_rank: int,
+                max_bytes: int) -> LoraSpec:
+    """Validate a PEFT LoRA folder from its config and safetensors header alone (no tensor
+    data is read: registering adapters costs metadata only); raise InvalidAdapterError."""
     root = Path(folder)
     if not root.is_dir():
         raise fail(name, f"{folder} is not a directory")
@@ -92,34 +115,61 @@ def read_adapter(folder: str | Path, name: str, config: ModelConfig, *, max_rank
     if size > max_bytes:
         raise fail(name, f"{WEIGHTS_FILE} is {size} bytes, over the limit of {max_bytes}")
     rank, alpha, rslora = check_config(_read_config(root, name), name, max_rank)
-    scale = scale_of(rank, alpha, rslora)
+    try:
+        with weights.open("rb") as f:
+            n = header_length(f.read(8), size, name)
+            header = f.read(n)
+    except OSError as e:
+        raise fail(name, f"cannot read {WEIGHTS_FILE}: {e}") from None
+    index = parse_header(header, name, config)
+    modules = check_layout(index, rank, config, name, SAFETENSORS_DTYPES)
+    return LoraSpec(rank=rank, alpha=alpha, scale=scale_of(rank, alpha, rslora), modules=modules)
 
+
+def read_weights(folder: str | Path, name: str, config: ModelConfig, spec: LoraSpec, *,
+                 max_rank: int, max_bytes: int,
+                 dtype: torch.dtype = torch.float32) -> LoraWeights:
+    """Read the tensors of a folder registered with `spec` (checked again: the folder may have
+    changed since), check their values are finite, and hold them in `dtype`; raise
+    InvalidAdapterError."""
+    if read_header(folder, name, config, max_rank=max_rank, max_bytes=max_bytes) != spec:
+        raise fail(name, f"{folder} changed since it was registered (rank, alpha or modules)")
     tensors: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     try:
-        with safe_open(str(weights), framework="pt") as f:
+        with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 layer, module, ab = parse_key(key, name, config)
                 tensors.setdefault((module, ab), {})[layer] = f.get_tensor(key)
     except InvalidAdapterError:
         raise
-    except Exception as e:  # a corrupt header or truncated file
+    except Exception as e:  # a truncated file or a header that changed under us
         raise fail(name, f"cannot read {WEIGHTS_FILE}: {e}") from None
-
-    index: TensorIndex = {k: {layer: (str(t.dtype), tuple(t.shape)) for layer, t in v.items()}
+    index: TensorIndex = {k: {layer: (TORCH_TO_SAFETENSORS.get(t.dtype, str(t.dtype)),
+                                      tuple(t.shape)) for layer, t in v.items()}
                           for k, v in tensors.items()}
-    modules = check_layout(index, rank, config, name, {str(d) for d in ALLOWED_DTYPES})
-    out = LoraWeights(rank=rank, alpha=alpha, scale=scale, modules=modules)
-    for m in modules:
-        for ab in ("A", "B"):
-            for layer, t in sorted(tensors[(m, ab)].items()):
-                if not torch.isfinite(t).all():
-                    where = f"layers.{layer}.{MODULE_PARENT[m]}.{m}.lora_{ab}"
-                    raise fail(name, f"{where} holds NaN or infinite values")
-        a = torch.stack([tensors[(m, "A")][i] for i in range(config.num_layers)]).float()
-        b = torch.stack([tensors[(m, "B")][i] for i in range(config.num_layers)]).float()
+    check_layout(index, spec.rank, config, name, SAFETENSORS_DTYPES)
+    out = LoraWeights(rank=spec.rank, alpha=spec.alpha, scale=spec.scale, modules=spec.modules)
+    for m in spec.modules:
+        # One check per stacked module (few torch calls: this runs on a loader thread that
+        # shares the GIL with the engine), the culprit looked for only on failure.
+        a = torch.stack([tensors[(m, "A")][i] for i in range(config.num_layers)]).to(dtype)
+        b = torch.stack([tensors[(m, "B")][i] for i in range(config.num_layers)]).to(dtype)
+        for ab, stacked in (("A", a), ("B", b)):
+            if not torch.isfinite(stacked).all():
+                layer = next(i for i, t in enumerate(stacked) if not torch.isfinite(t).all())
+                where = f"layers.{layer}.{MODULE_PARENT[m]}.{m}.lora_{ab}"
+                raise fail(name, f"{where} holds NaN or infinite values")
         out.a[m] = a.contiguous()  # [L, r, in]
-        out.bt[m] = (b.transpose(1, 2) * scale).contiguous()  # [L, r, out], scale folded in
+        # [L, r, out], scale folded in (computed in float32 for half dtypes, then rounded once)
+        out.bt[m] = (b.transpose(1, 2) * spec.scale).contiguous()
     return out
+
+
+def read_adapter(folder: str | Path, name: str, config: ModelConfig, *, max_rank: int,
+                 max_bytes: int) -> LoraWeights:
+    """Read and validate a PEFT LoRA folder against the base model; raise InvalidAdapterError."""
+    spec = read_header(folder, name, config, max_rank=max_rank, max_bytes=max_bytes)
+    return read_weights(folder, name, config, spec, max_rank=max_rank, max_bytes=max_bytes)
 
 
 def write_random_adapter(folder: str | Path, config: ModelConfig, rank: int,

@@ -161,9 +161,9 @@ class AsyncEngine:
             if name in self.engine.adapters:
                 # Checked again on the engine thread; this only spares a useless read.
                 raise AdapterExistsError(f"adapter {name!r} is already loaded", param="lora_name")
-            weights = await asyncio.to_thread(self.engine.read_adapter, name, path)
+            source = await asyncio.to_thread(self.engine.read_adapter, name, path)
             info: AdapterInfo = await self._call(
-                lambda: self.engine.add_adapter(name, path, weights))
+                lambda: self.engine.add_adapter(name, path, source))
             log.info("adapter %s loaded from %s (rank %d, %s)", name, path, info.rank,
                      ",".join(info.modules))
             return info

@@ -148,3 +148,9 @@ class EngineConfig:
     # Admission rounds a request may be passed over before it goes first and nothing is admitted
     # behind it until it is: the bound that keeps skipping and reordering from starving it.
     max_passed_over: int = 32
+    # Bytes of host RAM for adapter weights in pool layout (pinned on CUDA), LRU.
+    host_cache_bytes: int = 8 << 30
+    # Bring the queue's next adapters and popular ones to host RAM and the GPU ahead of use.
+    prefetch: bool = True
+    # Threads reading adapters from their source into host RAM.
+    adapter_load_workers: int = 4

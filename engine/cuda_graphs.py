@@ -107,7 +107,10 @@ class DecodeGraphs:
                     self.model.logits(self.model(ids, positions, self.pool, attn))
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.mempool), torch.inference_mode():
+            # thread_local: the host tier's loader threads may pin host memory meanwhile (they
+            # never touch this stream); global mode would fail the capture for their CUDA calls.
+            with torch.cuda.graph(graph, pool=self.mempool, capture_error_mode="thread_local"), \
+                    torch.inference_mode():
                 logits = self.model.logits(self.model(ids, positions, self.pool, attn))
         finally:
             self.lora.batch = LoraBatch([])

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from loraplane.engine.adapter_cache import Adapter, AdapterCache
-from loraplane.engine.adapters import LoraWeights, read_adapter
+from loraplane.engine.adapter_source import AdapterSource, FolderSource
+from loraplane.engine.adapters import LoraWeights, read_header
 from loraplane.engine.attention import TritonAttention
 from loraplane.engine.config import EngineConfig, ModelConfig
 from loraplane.engine.cuda_graphs import DecodeGraphs
@@ -93,7 +94,9 @@ class LLMEngine:
         layout = self._pool_layout(parts.config, engine_config.block_size)
         num_pages = self._pool_pages(layout, dtype, device)
         self.pool = DevicePool(layout, num_pages, dtype, device)
-        self.adapters = AdapterCache(self.pool, parts.config)
+        self.adapters = AdapterCache(
+            self.pool, parts.config, host_cache_bytes=engine_config.host_cache_bytes,
+            prefetch=engine_config.prefetch, load_workers=engine_config.adapter_load_workers)
         if device.type == "cuda":
             from loraplane.engine.models.triton_layers import use_triton_layers
 
@@ -169,6 +172,8 @@ class LLMEngine:
         ad: Adapter | None = None
         if adapter is not None and adapter != self.model_name:
             ad = self.adapters.get(adapter)
+            if ad.error is not None:
+                raise InvalidAdapterError(ad.error.message, param="model")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise BadRequestError("the prompt is empty", param="prompt")
@@ -192,6 +197,8 @@ class LLMEngine:
         seq = Sequence(request_id, ids, params, ad, tenant=tenant, arrival=self.clock(),
                        on_output=on_output)
         self.scheduler.add(seq)
+        if ad is not None:
+            self.adapters.note_request(ad)
         return seq
 
     def abort(self, seq: Sequence) -> None:
@@ -206,13 +213,19 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns the output deltas produced (also sent to on_output)."""
+        self._fail_adapter_requests()
         batch = self.scheduler.schedule()
         outputs = []
         for seq in batch.refused:  # early abort: the error reaches the caller in the output
             seq.finish_reason = "abort"
             outputs.append(self._finish(seq))
         if not len(batch):
+            if not outputs:
+                self.adapters.wait()  # nothing runnable: the queue waits on adapter loads
             return outputs
+        for seq in batch.seqs:
+            if seq.adapter is not None and seq.num_computed == 0:
+                self.adapters.admitted(seq.adapter)
         sampled, tokens, _ = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             seq.num_computed += n
@@ -236,34 +249,47 @@ class LLMEngine:
                         seq.on_output(out)
         return outputs
 
-    def _finish(self, seq: Sequence) -> RequestOutput:
+    def _fail_adapter_requests(self) -> None:
+        """Requests queued for adapters whose weights failed to load end with that error."""
+        failed, self.adapters.newly_failed = self.adapters.newly_failed, []
+        for adapter in failed:
+            assert adapter.error is not None
+            for seq in [s for s in self.scheduler.waiting if s.adapter is adapter]:
+                seq.finish_reason = "error"
+                self._finish(seq, InvalidAdapterError(adapter.error.message, param="model"))
+
+    def _finish(self, seq: Sequence, error: InvalidAdapterError | None = None) -> RequestOutput:
         self.scheduler.finish(seq)
         assert seq.finish_reason is not None
         self._finished[seq.finish_reason] += 1
         self._stats.prompt_tokens_total += len(seq.prompt_ids)
         out = take_output(seq, finished=True)
+        out.error = error
         if seq.on_output is not None:
             seq.on_output(out)
         return out
 
     # ---- adapters ---------------------------------------------------------------------------
 
-    def read_adapter(self, name: str, path: str) -> LoraWeights:
-        """Read and validate an adapter folder (thread-safe; touches no engine state)."""
+    def read_adapter(self, name: str, path: str) -> FolderSource:
+        """Validate an adapter folder from its config and header (thread-safe; touches no engine
+        state); its weights are read when it is first brought to host RAM."""
         cfg = self.engine_config
         if cfg.adapter_roots:
             real = Path(path).resolve()
             if not any(real.is_relative_to(Path(r).resolve()) for r in cfg.adapter_roots):
                 raise InvalidAdapterError(f"adapter {name!r}: {path} is outside the allowed "
                                           f"adapter folders ({', '.join(cfg.adapter_roots)})")
-        return read_adapter(path, name, self.config, max_rank=cfg.max_lora_rank,
-                            max_bytes=cfg.max_adapter_bytes)
+        limits = {"max_rank": cfg.max_lora_rank, "max_bytes": cfg.max_adapter_bytes}
+        spec = read_header(path, name, self.config, **limits)
+        return FolderSource(path, name, self.config, spec, **limits)
 
-    def add_adapter(self, name: str, path: str, weights: LoraWeights) -> AdapterInfo:
-        """Register validated weights under a name (on the engine's thread)."""
+    def add_adapter(self, name: str, path: str,
+                    source: AdapterSource | LoraWeights) -> AdapterInfo:
+        """Register a checked folder (or weights in memory) under a name (engine thread)."""
         if name == self.model_name:
             raise BadRequestError(f"{name!r} is the base model's name", param="lora_name")
-        return self.adapters.add(name, path, weights).info()
+        return self.adapters.info(self.adapters.add(name, path, source))
 
     def load_adapter(self, name: str, path: str) -> AdapterInfo:
         """read_adapter then add_adapter, for synchronous callers."""
@@ -274,7 +300,7 @@ class LLMEngine:
         self.adapters.remove(name)
 
     def list_adapters(self) -> list[AdapterInfo]:
-        return [a.info() for a in self.adapters.all()]
+        return [self.adapters.info(a) for a in self.adapters.all()]
 
     def stats(self) -> EngineStats:
         s = self._stats
@@ -287,6 +313,17 @@ class LLMEngine:
         s.page_bytes = self.pool.layout.page_bytes(self.pool.data.dtype)
         s.adapters_registered = len(self.adapters)
         s.adapters_resident = self.adapters.num_resident()
+        s.adapters_host = self.adapters.num_host()
+        s.host_cache_bytes_used = self.adapters.host.used
+        s.host_cache_bytes_total = self.adapters.host.capacity
+        t = self.adapters.stats
+        s.adapter_prefetch_hits = t.prefetch_hits
+        s.adapter_prefetch_misses = t.prefetch_misses
+        s.adapter_prefetch_unused = t.prefetch_unused
+        s.adapter_load_hidden_seconds = t.load_hidden_s
+        s.adapter_load_exposed_seconds = t.load_exposed_s
+        s.adapter_load_failures = t.load_failures
+        s.adapter_host_loads = t.host_loads
         s.requests_finished = dict(self._finished)
         return s
 

@@ -150,13 +150,21 @@ class DevicePool:
         """[num_pages * chunks_per_page, chunk]: adapter weight chunks."""
         return self.data[layer].view(-1, self.layout.chunk)
 
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A small host tensor on the pool's device; on CUDA staged through pinned memory so
+        the copy is queued on the current stream without waiting for the work before it."""
+        if self.data.device.type != "cuda":
+            return host.to(self.data.device)
+        return host.pin_memory().to(self.data.device, non_blocking=True)
+
     def write_pages(self, pages: list[int], flat: torch.Tensor) -> None:
-        """Copy [num_layers, n_elems] of adapter weights into the given pages (last one partly)."""
+        """Copy [num_layers, n_elems] of adapter weights into the given pages (last one partly);
+        on the current stream, asynchronously when `flat` is in pinned memory."""
         pe = self.layout.page_elems_per_layer
         n = flat.shape[1]
         padded = torch.zeros(flat.shape[0], len(pages) * pe, dtype=self.data.dtype,
                              device=self.data.device)
         padded[:, :n] = flat.to(device=self.data.device, dtype=self.data.dtype,
                                 non_blocking=True)
-        idx = torch.tensor(pages, device=self.data.device)
+        idx = self.to_device(torch.tensor(pages))
         self.data[:, idx] = padded.view(flat.shape[0], len(pages), pe)

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from loraplane.engine.errors import EngineError
 
+from loraplane.engine.errors import EngineError
+
 
 @dataclass
 class RequestOutput:
@@ -20,8 +22,9 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    # Set when the engine refused the request before its first token (e.g. early abort):
-    # the caller raises it instead of answering.
+    # Set when the engine refused the request before its first token (early abort) or the
+    # request ended on an error before any output (finish_reason "error", e.g. its adapter's
+    # weights failed to load): the caller raises it instead of answering.
     error: EngineError | None = None
 
 
@@ -36,6 +39,7 @@ class AdapterInfo:
     modules: tuple[str, ...]
     num_bytes: int
     resident: bool  # its weights are in the device pool now
+    tier: str = "source"  # "gpu" | "host" | "source": the fastest tier holding its weights
 
 
 @dataclass
@@ -55,3 +59,14 @@ class EngineStats:
     requests_finished: dict[str, int] = field(default_factory=dict)  # finish_reason -> count
     last_batch_size: int = 0
     steps_total: int = 0
+    # Adapter tiers and prefetch (definitions in engine/prefetch.py).
+    adapters_host: int = 0  # registered adapters whose weights are in host RAM
+    host_cache_bytes_used: int = 0  # loaded + loading
+    host_cache_bytes_total: int = 0
+    adapter_prefetch_hits: int = 0
+    adapter_prefetch_misses: int = 0
+    adapter_prefetch_unused: int = 0
+    adapter_load_hidden_seconds: float = 0.0
+    adapter_load_exposed_seconds: float = 0.0
+    adapter_load_failures: int = 0
+    adapter_host_loads: int = 0  # source->host reads started

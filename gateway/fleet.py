@@ -33,7 +33,7 @@ class Replica:
     healthy: bool = False
     model: str = ""
     max_model_len: int = 0
-    tiers: dict[str, str] = field(default_factory=dict)  # adapter -> "gpu" | "host"
+    tiers: dict[str, str] = field(default_factory=dict)  # adapter -> "gpu" | "host" | "source"
     reported_load: int = 0  # running + waiting at the last report
     in_flight: int = 0  # requests this gateway has open on it now
     in_flight_at_report: int = 0

@@ -51,6 +51,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="max prompt + completion tokens (default: the model's context)")
     p.add_argument("--max-lora-rank", type=int, default=256, help="refuse adapters above this")
     add_policy_args(p)
+    add_tier_args(p)
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="shard the model and the adapters over N GPUs (N processes: this one "
                         "and N-1 workers it starts; gloo on CPU); default 1")
@@ -96,6 +97,26 @@ def policy_config(args: argparse.Namespace) -> dict[str, Any]:
             "slo_first_token": args.slo_first_token}
 
 
+def add_tier_args(p: argparse.ArgumentParser) -> None:
+    """--host-cache-memory and --no-prefetch (engine, serve and bench)."""
+    p.add_argument("--host-cache-memory", type=float, default=None, metavar="GIB",
+                   help="GiB of host RAM for adapter weights, least recently used out "
+                        "(default 8); adapters beyond it are read from their folder when needed")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="load adapters only when their request is admitted (no prefetch from "
+                        "the queue and popularity)")
+
+
+def tier_config(args: argparse.Namespace) -> dict[str, Any]:
+    """EngineConfig fields of the tier arguments; a bad value exits with a message."""
+    out: dict[str, Any] = {"prefetch": not args.no_prefetch}
+    if args.host_cache_memory is not None:
+        if not args.host_cache_memory > 0:
+            raise SystemExit("--host-cache-memory must be positive")
+        out["host_cache_bytes"] = int(args.host_cache_memory * 2**30)
+    return out
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     _engine_args(p)
     p.add_argument("--tenants", type=Path, default=None, metavar="FILE",
@@ -120,6 +141,7 @@ def _run_engine_server(args: argparse.Namespace) -> int:
         max_lora_rank=args.max_lora_rank,
         adapter_roots=tuple(args.allowed_adapter_dir),
         **policy_config(args),
+        **tier_config(args),
     )
     try:
         engine = build_engine(args.model, tensor_parallel_size=args.tensor_parallel_size,

@@ -6,8 +6,6 @@ Only adapter_config.json and the header at the start of adapter_model.safetensor
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 
 from loraplane.engine.adapter_format import (
@@ -18,15 +16,15 @@ from loraplane.engine.adapter_format import (
     WEIGHTS_FILE,
     check_config,
     check_layout,
-    fail,
-    index_safetensors_header,
+    header_length,
     parse_config,
+    parse_header,
 )
 from loraplane.engine.config import ModelConfig
 from loraplane.engine.errors import InvalidAdapterError
 from loraplane.operator import s3
 
-MAX_HEADER_BYTES = 16 << 20
+__all__ = ["AdapterFacts", "AdapterRejected", "check_header", "header_length", "verify"]
 
 
 class AdapterRejected(Exception):
@@ -53,24 +51,8 @@ def check_header(config_bytes: bytes, header_bytes: bytes, model: ModelConfig, *
                  max_rank: int) -> tuple[int, float, tuple[str, ...]]:
     """(rank, alpha, modules) from the config file and the safetensors header JSON; pure."""
     rank, alpha, _ = check_config(parse_config(config_bytes, name), name, max_rank)
-    try:
-        header = json.loads(header_bytes.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise fail(name, f"cannot read {WEIGHTS_FILE}: header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise fail(name, f"cannot read {WEIGHTS_FILE}: header is not a JSON object")
-    index = index_safetensors_header(header, name, model)
+    index = parse_header(header_bytes, name, model)
     return rank, alpha, check_layout(index, rank, model, name, SAFETENSORS_DTYPES)
-
-
-def header_length(prefix: bytes, file_size: int, name: str) -> int:
-    """The safetensors header length from the file's first 8 bytes, bounded and sane."""
-    if len(prefix) < 8:
-        raise fail(name, f"cannot read {WEIGHTS_FILE}: file shorter than 8 bytes")
-    (n,) = struct.unpack("<Q", prefix[:8])
-    if n < 2 or n > MAX_HEADER_BYTES or 8 + n > file_size:
-        raise fail(name, f"cannot read {WEIGHTS_FILE}: header length {n} is invalid")
-    return n
 
 
 def verify(loc: s3.S3Location, model: ModelConfig, *, name: str, max_rank: int,

@@ -18,6 +18,9 @@ RUNS = {
     "peft": ["--num-adapters", "5", "--ranks", "2", "4", "--baseline", "peft"],
     "sweep": ["--num-adapters", "3", "--scheduling-policy", "fcfs", "abort", "--cv-sweep", "1",
               "4"],
+    # Adapters in a real source tier: folders on disk, a host tier smaller than them all.
+    "tiers": ["--num-adapters", "20", "--adapter-source", "disk", "--host-cache-memory",
+              "0.0005", "--max-num-seqs", "2"],
 }
 
 
@@ -53,6 +56,7 @@ def test_engine_with_adapters(results: dict[str, dict]) -> None:
     c = rec["config"]
     assert c["setting"] == "S1" and c["ranks"] == [8] and c["num_adapters"] == 5
     assert c["adapter_storage"] == "shared host tensors, distinct pool pages"
+    assert c["adapter_source"] == "memory" and c["prefetch"] is True
     assert c["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"] and c["saturate"]
     assert rec["machine"]["cpu"] and rec["versions"]["torch"]
     assert rec["date"] and "peft" not in rec["results"]
@@ -93,6 +97,19 @@ def test_policy_and_cv_sweep_in_one_run(results: dict[str, dict]) -> None:
         _check_summary(r, 12)  # nothing is refused when every request makes the SLO
         assert r["num_refused"] == 0 and r["aborted_share"] == 0.0
     assert rec["results"]["abort cv=4"]["scheduling_policy"] == "abort"
+def test_adapters_from_disk_through_the_tiers(results: dict[str, dict]) -> None:
+    rec = results["tiers"]
+    c = rec["config"]
+    assert c["adapter_source"] == "disk" and c["prefetch"] is True
+    assert c["host_cache_gib"] == 0.0005 and "own host buffer" in c["adapter_storage"]
+    r = rec["results"]["loraplane"]
+    _check_summary(r, 12)
+    # Every trace adapter was loaded once at least; requests queued behind max-num-seqs 2
+    # let prefetch bring some in ahead (hits), the first ones are loaded on admission.
+    assert r["prefetch_hits"] + r["prefetch_misses"] >= rec["trace"]["distinct_adapters_used"]
+    assert r["prefetch_misses"] >= 1 and r["adapter_load_failures"] == 0
+    assert r["adapter_load_hidden_s"] >= 0 and r["adapter_load_exposed_s"] >= 0
+    assert 0 <= r["adapter_load_hidden_share"] <= 1
 
 
 def test_rank_above_limit_is_refused(tmp_path: Path) -> None:

@@ -11,6 +11,10 @@ Rule derived from the scheduler: a waiting sequence holds no KV page and no adap
 frees both; a failed admission allocates nothing (``make_room`` is checked before ``allocate``) and
 releases the pin it took. So KV pages in use == the sum of running sequences' block tables.
 
+Adapters come from memory sources through the host tier, bounded to two of the largest adapters
+(so host evictions happen), with prefetch on (schedule() calls it every step); the host tier's
+bytes must add up and stay within its capacity, and drop to zero once adapters are gone.
+
 Decision on requests queued before their adapter is unregistered: they keep the adapter, like
 running ones (``unload_adapter``: "running ones finish, then its pages are freed"); the adapter is
 loaded again for them if it had been evicted, and dropped with its last user.
@@ -50,6 +54,9 @@ MAX_TOKENS = 32
 ADAPTER_NAMES = ("a0", "a1", "a2", "a3")
 ENGINE = EngineConfig(block_size=BLOCK_SIZE, max_num_seqs=6, max_num_batched_tokens=16)
 LAYOUT = PoolLayout.for_model(CONFIG, BLOCK_SIZE)
+# Host bytes of the largest adapter (rank MAX_RANK on every module, float32), twice.
+HOST_BYTES = 2 * CONFIG.num_layers * MAX_RANK * sum(
+    sum(CONFIG.module_shape(m)) for m in LORA_MODULES) * 4
 
 
 def adapter_pages(rank: int, modules: tuple[str, ...]) -> int:
@@ -116,7 +123,7 @@ class PoolMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.pool = DevicePool(LAYOUT, NUM_PAGES, torch.float32, torch.device("cpu"))
-        self.cache = AdapterCache(self.pool, CONFIG)
+        self.cache = AdapterCache(self.pool, CONFIG, host_cache_bytes=HOST_BYTES)
         self.scheduler = Scheduler(ENGINE, self.pool, self.cache)
         self.live: list[Sequence] = []  # added, not finished
         self.adapters: list[Adapter] = []  # every Adapter object ever registered
@@ -144,11 +151,12 @@ class PoolMachine(RuleBasedStateMachine):
     def _register(self, name: str, rank: int, modules: tuple[str, ...], seed: int) -> None:
         if name in self.cache:
             return
-        adapter = self.cache.add(name, f"/adapters/{name}", random_weights(rank, modules, seed))
-        assert not adapter.resident  # host tier only until first use
+        weights = random_weights(rank, modules, seed)
+        adapter = self.cache.add(name, f"/adapters/{name}", weights)
+        assert not adapter.resident  # source tier only until first use
         assert self.cache.pages_needed(adapter) == adapter_pages(rank, modules)
         self.adapters.append(adapter)
-        self.flat[id(adapter)] = adapter.weights.flatten(CONFIG)
+        self.flat[id(adapter)] = weights.flatten(CONFIG)
 
     @rule(name=st.sampled_from(ADAPTER_NAMES))
     @guarded
@@ -216,6 +224,7 @@ class PoolMachine(RuleBasedStateMachine):
     def pages_have_exactly_one_owner(self) -> None:
         pages = self.pool.pages
         pages.check_invariants()
+        self.cache.check_invariants()
         sched = self.scheduler
         for seq in sched.waiting:
             assert seq.status is Status.WAITING
@@ -277,12 +286,16 @@ class PoolMachine(RuleBasedStateMachine):
             self.pages_have_exactly_one_owner()
             steps += 1
         assert not self.live
+        # The engine's next step (any step) frees what unregistered adapters took for queued
+        # requests that were aborted since.
+        self._step()
         for name in list(ADAPTER_NAMES):
             if name in self.cache:
                 self.cache.remove(name)
         self.pages_have_exactly_one_owner()
         assert self.pool.pages.num_free == NUM_PAGES
         assert not self.cache._dropping
+        assert self.cache.host.used == 0
         # Coverage of the interesting paths (pytest --hypothesis-show-statistics).
         event(f"preemptions > 0: {self.scheduler.num_preemptions > 0}")
         event(f"idle adapters evicted for room: {self.evictions > 0}")

@@ -158,3 +158,27 @@ def test_disconnect_frees_pages(server: str) -> None:
         assert time.monotonic() < deadline, "KV pages not freed after the client left"
         time.sleep(0.2)
     assert metric(server, "loraplane_requests_running") == 0
+
+
+def test_bad_weights_found_at_first_use_answer_400(server: str, tmp_path: Path) -> None:
+    """Registration checks the header only; NaN weights show when the adapter is first read
+    into host RAM: its request gets the invalid_adapter error, the server keeps serving."""
+    from safetensors.torch import load_file, save_file
+
+    path = write_random_adapter(tmp_path / "nan", SMOLLM2, 4, ("q_proj",), seed=4)
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, str(weights))
+    r = httpx.post(server + "/v1/load_lora_adapter", json={"lora_name": "nan",
+                                                           "lora_path": str(path)})
+    assert r.status_code == 200 and r.json()["tier"] == "source", r.text
+    c = client(server)
+    for _ in range(2):  # at first use, and for requests after the failure
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="nan", prompt="Hello", max_tokens=4)
+        assert e.value.code == "invalid_adapter" and "NaN" in e.value.message
+    assert c.completions.create(model="poet", prompt="Hi", max_tokens=2).choices[0].text
+    tiers = {a["name"]: a["tier"] for a in httpx.get(server + "/residency").json()["adapters"]}
+    assert tiers["nan"] == "source" and tiers["poet"] == "gpu"
+    assert metric(server, "loraplane_adapter_load_failures_total") == 1

@@ -196,7 +196,7 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> 
 def engine() -> FakeEngine:
     e = FakeEngine()
     e.adapters["tenant-a"] = AdapterInfo("tenant-a", "/adapters/a", 8, 16.0, ("q_proj",), 1024,
-                                         True)
+                                         True, "gpu")
     return e
 
 
@@ -462,8 +462,25 @@ def test_metrics(url: str, client: openai.OpenAI) -> None:
         'loraplane_pool_pages{kind="kv"} 10.0', 'loraplane_pool_pages{kind="adapter"} 5.0',
         'loraplane_pool_pages{kind="free"} 85.0', "loraplane_pool_page_bytes 4096.0",
         "loraplane_adapters_registered ", "loraplane_adapters_resident ",
+        "loraplane_adapters_host ", 'loraplane_host_cache_bytes{kind="used"}',
+        'loraplane_adapter_prefetch_total{outcome="hit"}',
+        'loraplane_adapter_prefetch_total{outcome="miss"}',
+        'loraplane_adapter_load_seconds_total{kind="hidden"}',
+        'loraplane_adapter_load_seconds_total{kind="exposed"}',
+        "loraplane_adapter_load_failures_total ",
     ]:
         assert line in text, line
+
+
+def test_residency_reports_each_tier(url: str, engine: FakeEngine) -> None:
+    engine.adapters["t-host"] = AdapterInfo("t-host", "/h", 4, 8.0, ("q_proj",), 64, False, "host")
+    engine.adapters["t-src"] = AdapterInfo("t-src", "/s", 4, 8.0, ("q_proj",), 64, False)
+    try:
+        tiers = {a["name"]: a["tier"] for a in httpx.get(url + "/residency").json()["adapters"]}
+        assert {k: tiers[k] for k in ("tenant-a", "t-host", "t-src")} == {
+            "tenant-a": "gpu", "t-host": "host", "t-src": "source"}
+    finally:
+        del engine.adapters["t-host"], engine.adapters["t-src"]
 
 
 def test_disconnect_mid_stream_aborts_the_request(url: str, engine: FakeEngine) -> None:

@@ -115,7 +115,8 @@ def main() -> None:
                 w.a[m] = torch.randn(1, rank, fi, generator=gen) * 0.02
                 w.bt[m] = torch.randn(1, rank, fo, generator=gen) * 0.02
             a = cache.add(f"a{i}", "", w)
-            assert cache.acquire(a)
+            while not cache.acquire(a):  # the host->GPU copy runs on a side stream
+                cache.wait()
             spacer.append(pool.pages.allocate(1, "kv"))  # scatter the adapters' pages
             adapters.append(a)
         torch_op = TorchLoraOp(pool)

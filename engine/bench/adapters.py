@@ -2,8 +2,12 @@
 
 2,000 rank-64 adapters on q,k,v,o of llama-2-7b would take about 130 GB of host memory; the
 accelerator machine has 128 GiB. Each registered name is still a distinct adapter to the engine
-(its own pool pages and its own host-to-device copy when it becomes resident); only the host
-tensors it is copied from are shared with the other adapters of the same rank and set.
+(its own pool pages and its own host-to-device copy when it becomes resident). Two sources:
+- memory: the host tensors it is copied from are shared with the other adapters of the same rank
+  and set (the engine still lays out its own host buffer when it first needs it);
+- disk: each weight set is written once as a PEFT folder and every name of that set is
+  registered from it (header only); the engine reads it into its own host buffer (bounded by
+  --host-cache-memory) when prefetch or admission needs it, as with real adapters.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ from loraplane.engine.adapters import LoraWeights
 from loraplane.engine.config import ModelConfig
 from loraplane.engine.engine import LLMEngine
 
-ADAPTER_STORAGE = "shared host tensors, distinct pool pages"
+ADAPTER_STORAGE = {
+    "memory": "shared host tensors, distinct pool pages",
+    "disk": "PEFT folders on disk, one per weight set, shared by names; each name has its own "
+            "host buffer (host tier) and its own pool pages",
+}
 STD = 0.05  # as write_random_adapter: large enough that a missing LoRA term shows
 
 
@@ -60,7 +68,9 @@ class WeightSets:
     def write_folders(self, root: Path) -> None:
         """Write every set as a PEFT folder under root; adapters then name it as their path
         (tensor-parallel workers read their shards from there)."""
-        for (rank, k), weights in self.sets.items():
+        for (rank, k), weights in tqdm(sorted(self.sets.items(), key=lambda kv: kv[0]),
+                                       desc="writing adapter folders", unit="folder",
+                                       leave=False):
             self.folders[(rank, k)] = str(write_peft_folder(weights, self.config,
                                                             root / f"rank{rank}-set{k}"))
 
@@ -93,6 +103,19 @@ def register(engine: LLMEngine, sets: WeightSets, ranks: list[int]) -> list[str]
         weights, label = sets.of(j, rank)
         name = adapter_name(j, rank)
         engine.add_adapter(name, label, weights)
+        names.append(name)
+    return names
+
+
+def register_folders(engine: LLMEngine, sets: WeightSets, ranks: list[int],
+                     root: Path) -> list[str]:
+    """Write each weight set once as a PEFT folder under root, then register one engine adapter
+    per rank entry from its set's folder (header only, no tensors held); returns their names."""
+    sets.write_folders(root)
+    names = []
+    for j, rank in enumerate(tqdm(ranks, desc="registering adapters", unit="adapter")):
+        name = adapter_name(j, rank)
+        engine.load_adapter(name, sets.folders[(rank, j % sets.per_rank)])
         names.append(name)
     return names
 

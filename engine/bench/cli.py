@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -11,10 +12,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from loraplane.cli import add_policy_args, policy_config
+from loraplane.cli import add_policy_args, add_tier_args, policy_config, tier_config
 from loraplane.engine.bench.workload import SETTINGS, WorkloadSpec, adapter_ranks, make_trace
 from loraplane.engine.config import LORA_MODULES, EngineConfig
+
+if TYPE_CHECKING:
+    from loraplane.engine.outputs import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sets-per-rank", type=int, default=8,
                    help="distinct random weight sets per rank that adapters share on the host")
+    p.add_argument("--adapter-source", default="memory", choices=["memory", "disk"],
+                   help="memory: adapters registered from shared host tensors (default); disk: "
+                        "each weight set written once as a PEFT folder and every adapter "
+                        "registered from a folder (header only), read into the host tier "
+                        "(--host-cache-memory) when prefetch or admission needs it")
+    p.add_argument("--adapter-dir", type=Path, default=None, metavar="DIR",
+                   help="where --adapter-source disk writes its folders (default: a temporary "
+                        "folder, removed afterwards)")
+    add_tier_args(p)
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--pool-memory", type=float, default=None, metavar="GIB",
@@ -93,6 +107,29 @@ def _check(args: argparse.Namespace, ranks: tuple[int, ...]) -> None:
                          f"{args.max_lora_rank}]")
 
 
+def tier_results(s: EngineStats) -> dict[str, float]:
+    """The engine's adapter-tier counters (prefetch hits and misses, hidden and exposed load
+    seconds as engine/prefetch.py defines them)."""
+    return {"prefetch_hits": s.adapter_prefetch_hits, "prefetch_misses": s.adapter_prefetch_misses,
+            "prefetch_unused": s.adapter_prefetch_unused,
+            "adapter_load_hidden_s": s.adapter_load_hidden_seconds,
+            "adapter_load_exposed_s": s.adapter_load_exposed_seconds,
+            "adapter_load_failures": s.adapter_load_failures,
+            "adapter_host_loads": s.adapter_host_loads,
+            "host_cache_gib": round(s.host_cache_bytes_total / 2**30, 6)}
+
+
+def tier_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """The tier counters of one replay (after - before) and the hidden share of load time."""
+    out: dict[str, float | None] = {
+        k: round(v - before[k], 4) if k != "host_cache_gib" else v for k, v in after.items()}
+    hidden = out["adapter_load_hidden_s"] or 0
+    exposed = out["adapter_load_exposed_s"] or 0
+    out["adapter_load_hidden_share"] = (round(hidden / (hidden + exposed), 4)
+                                        if hidden + exposed > 0 else None)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by the arguments; prints a table and writes JSON."""
     # torch and the engine load here, not when `loraplane` builds its argument parsers.
@@ -100,7 +137,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from loraplane.engine.bench import report
-    from loraplane.engine.bench.adapters import ADAPTER_STORAGE, WeightSets, register
+    from loraplane.engine.bench.adapters import (
+        ADAPTER_STORAGE,
+        WeightSets,
+        register,
+        register_folders,
+    )
     from loraplane.engine.bench.driver import replay, warm_up
     from loraplane.engine.bench.metrics import decode_steps, summarize
     from loraplane.engine.distributed.engine import build_engine, close_engine
@@ -123,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         pool_bytes=int(args.pool_memory * 2**30) if args.pool_memory else None,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_lora_rank=args.max_lora_rank, max_waiting=max(4096, args.num_requests),
-        seed=args.seed, cuda_graphs=not args.no_cuda_graphs, **policy_config(args))
+        seed=args.seed, cuda_graphs=not args.no_cuda_graphs, **policy_config(args),
+        **tier_config(args))
     t = time.monotonic()
     try:
         engine = build_engine(model_spec, tensor_parallel_size=args.tensor_parallel_size,
@@ -136,33 +179,44 @@ def run(args: argparse.Namespace) -> int:
     ranks_of = adapter_ranks(args.num_adapters, ranks)
     sets = None
     t = time.monotonic()
-    folders = tempfile.TemporaryDirectory(prefix="loraplane-bench-")
     if args.num_adapters:
         sets = WeightSets(model_cfg, ranks_of, tuple(args.modules), args.sets_per_rank,
                           args.seed, dtype, device)
-        if args.tensor_parallel_size > 1:
-            sets.write_folders(Path(folders.name))  # every rank reads its shards from there
-    names = register(engine, sets, ranks_of) if sets is not None else []
-    adapters_s = time.monotonic() - t
-    warm_up(engine, sets, args.seed)
-    runs = [(policy, cv) for policy in args.scheduling_policy for cv in cvs]
     results: dict[str, dict] = {}
-    for policy, cv in runs:
-        # Each run starts from the same state: the policy's own, and no adapter resident.
-        engine.scheduler.set_policy(make_policy(
-            dataclasses.replace(cfg, scheduling_policy=policy)))
-        engine.adapters.make_room(engine.pool.pages.num_pages)
-        played = replay(engine, traces[cv], names, saturate=args.saturate, seed=args.seed)
-        stats = engine.stats()
-        key = "loraplane" if len(runs) == 1 else f"{policy} cv={cv:g}"
-        results[key] = {
-            "scheduling_policy": policy, "cv": cv,
-            **summarize(played.records, args.slo_first_token), **decode_steps(played.steps),
-            "preemptions": played.preemptions, "adapters_resident_at_end":
-                stats.adapters_resident, "pool_pages": stats.pool_pages_total,
-            "page_bytes": stats.page_bytes}
-    close_engine(engine)
-    folders.cleanup()
+    with contextlib.ExitStack() as stack:
+        names: list[str] = []
+        if sets is not None and (args.adapter_source == "disk" or args.tensor_parallel_size > 1):
+            # Folders on disk: the source tier, and where tensor-parallel workers read shards.
+            root = args.adapter_dir or Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="loraplane-bench-")))
+            if args.adapter_source == "disk":
+                names = register_folders(engine, sets, ranks_of, root)
+            else:
+                sets.write_folders(root)
+                names = register(engine, sets, ranks_of)
+        elif sets is not None:
+            names = register(engine, sets, ranks_of)
+        adapters_s = time.monotonic() - t
+        warm_up(engine, sets, args.seed)
+        runs = [(policy, cv) for policy in args.scheduling_policy for cv in cvs]
+        for policy, cv in runs:
+            # Each run starts from the same state: the policy's own, and no adapter resident.
+            engine.scheduler.set_policy(make_policy(
+                dataclasses.replace(cfg, scheduling_policy=policy)))
+            engine.adapters.make_room(engine.pool.pages.num_pages)
+            before = tier_results(engine.stats())
+            played = replay(engine, traces[cv], names, saturate=args.saturate, seed=args.seed)
+            stats = engine.stats()
+            key = "loraplane" if len(runs) == 1 else f"{policy} cv={cv:g}"
+            results[key] = {
+                "scheduling_policy": policy, "cv": cv,
+                **summarize(played.records, args.slo_first_token), **decode_steps(played.steps),
+                **tier_deltas(before, tier_results(stats)),
+                "preemptions": played.preemptions,
+                "adapters_resident_at_end": stats.adapters_resident,
+                "adapters_host_at_end": stats.adapters_host,
+                "pool_pages": stats.pool_pages_total, "page_bytes": stats.page_bytes}
+        close_engine(engine)
     pool_gib = stats.pool_pages_total * stats.page_bytes / 2**30
 
     if args.baseline == "peft":
@@ -192,7 +246,11 @@ def run(args: argparse.Namespace) -> int:
             "dtype": str(dtype).removeprefix(
                 "torch."), "device": str(device), "ranks": list(ranks),
             "modules": list(args.modules), "num_adapters": args.num_adapters,
-            "adapter_storage": ADAPTER_STORAGE if sets is not None else None,
+            "adapter_storage": ADAPTER_STORAGE[args.adapter_source] if sets is not None
+            else None,
+            "adapter_source": args.adapter_source if sets is not None else None,
+            "host_cache_gib": round(cfg.host_cache_bytes / 2**30, 6),
+            "prefetch": cfg.prefetch,
             "weight_sets_per_rank": args.sets_per_rank if sets is not None else None,
             "adapter_host_gib": round(sets.host_bytes / 2**30, 3) if sets is not None else 0,
             "num_requests": args.num_requests, "saturate": args.saturate, "rate": args.rate,

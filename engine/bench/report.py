@@ -62,7 +62,9 @@ COLUMNS = [("req/s", "req_per_s", "{:.3f}"), ("out tok/s", "output_tokens_per_s"
            ("TTFT p50 ms", "first_token_ms_p50", "{:.1f}"),
            ("TTFT p99 ms", "first_token_ms_p99", "{:.1f}"), ("SLO", "slo_attainment", "{:.1%}"),
            ("aborted", "aborted_share", "{:.1%}"),
-           ("decode ms p50", "decode_step_ms_p50", "{:.2f}")]
+           ("decode ms p50", "decode_step_ms_p50", "{:.2f}"),
+           ("prefetch hits", "prefetch_hits", "{:d}"), ("misses", "prefetch_misses", "{:d}"),
+           ("load hidden", "adapter_load_hidden_share", "{:.1%}")]
 
 
 def table(results: dict[str, dict]) -> str:
@@ -70,7 +72,8 @@ def table(results: dict[str, dict]) -> str:
     head = f"{'system':<18}" + "".join(f"{c:>15}" for c, _, _ in COLUMNS)
     rows = [head]
     for system, r in results.items():
-        cells = "".join(f"{fmt.format(r[k]) if k in r else '-':>15}" for _, k, fmt in COLUMNS)
+        cells = "".join(f"{fmt.format(r[k]) if r.get(k) is not None else '-':>15}"
+                        for _, k, fmt in COLUMNS)
         rows.append(f"{system:<18}{cells}")
     return "\n".join(rows)
 
@@ -90,7 +93,10 @@ def write(record: dict, out_dir: Path) -> Path:
     if policies and policies != [DEFAULT_POLICY]:
         mode += "-" + "-".join(policies)
     base = (f"bench-{record['date'][:10]}-{_slug(m.get('gpu') or m['cpu'])[:32]}-{c['setting']}"
-            f"-n{c['num_adapters']}-{mode}" + ("-peft" if c["baseline"] == "peft" else "")
+            f"-n{c['num_adapters']}-{mode}-alpha{c['alpha']:g}"
+            + ("-disk" if c.get("adapter_source") == "disk" else "")
+            + ("" if c.get("prefetch", True) else "-noprefetch")
+            + ("-peft" if c["baseline"] == "peft" else "")
             + (f"-tp{c['tensor_parallel_size']}" if c.get("tensor_parallel_size", 1) > 1 else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{base}.json"
@@ -116,6 +122,8 @@ def header(record: dict) -> str:
         + f", alpha {c['alpha']}, in {c['input_range']} out {c['output_range']}",
         f"engine: tensor parallel {c.get('tensor_parallel_size', 1)}, max_num_seqs "
         f"{c['max_num_seqs']}, max_num_batched_tokens {c['max_num_batched_tokens']}, pool "
-        f"{c['pool_gib']:.1f} GiB" + (" per GPU" if c.get("tensor_parallel_size", 1) > 1 else ""),
+        f"{c['pool_gib']:.1f} GiB" + (" per GPU" if c.get("tensor_parallel_size", 1) > 1 else "")
+        + f", host cache {c.get('host_cache_gib', 0):.2f} GiB, prefetch "
+        f"{'on' if c.get('prefetch') else 'off'}, adapters from {c.get('adapter_source') or '-'}",
         f"date: {record['date']}",
     ])

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from loraplane.engine.adapter_cache import Adapter
 from loraplane.engine.adapter_format import WEIGHTS_FILE, fail
+from loraplane.engine.adapter_source import AdapterSource
 from loraplane.engine.adapters import LoraWeights
 from loraplane.engine.attention import SeqSlice
 from loraplane.engine.config import EngineConfig, ModelConfig
@@ -118,8 +119,13 @@ class TensorParallelEngine(LLMEngine):
 
     # ---- rank 0 ---------------------------------------------------------------------------
 
-    def add_adapter(self, name: str, path: str, weights: LoraWeights) -> AdapterInfo:
-        """Register rank 0's shard, then have every worker read and shard `path` itself."""
+    def add_adapter(self, name: str, path: str,
+                    source: AdapterSource | LoraWeights) -> AdapterInfo:
+        """Register rank 0's shard, then have every worker read and shard `path` itself.
+
+        Under tensor parallelism rank 0 reads the weights at registration (to shard them) and
+        keeps its shard as the adapter's in-memory source; the lazy source tier is TP=1's."""
+        weights = source if isinstance(source, LoraWeights) else source.read(self.pool.data.dtype)
         info = super().add_adapter(name, path, shard_lora_weights(weights, 0, self.tp.world))
         adapter = self.adapters.get(name)
         self._live[adapter.id] = adapter
@@ -250,7 +256,8 @@ class TensorParallelEngine(LLMEngine):
         key = (str(Path(path).resolve()), st.st_mtime_ns if st else 0, st.st_size if st else 0)
         shard = self._shards.get(key)
         if shard is None:
-            shard = shard_lora_weights(self.read_adapter(name, path), self.tp.rank, self.tp.world)
+            full = self.read_adapter(name, path).read(self.pool.data.dtype)
+            shard = shard_lora_weights(full, self.tp.rank, self.tp.world)
             self._shards[key] = shard
         return shard
 

@@ -57,6 +57,37 @@ class EngineCollector(Collector):
                                 value=s.adapters_resident)
         yield CounterMetricFamily("loraplane_engine_steps", "Engine steps run.",
                                   value=s.steps_total)
+        yield GaugeMetricFamily("loraplane_adapters_host",
+                                "Adapters whose weights are in the engine's host RAM.",
+                                value=s.adapters_host)
+        host = GaugeMetricFamily("loraplane_host_cache_bytes",
+                                 "Host RAM for adapter weights.", labels=["kind"])
+        host.add_metric(["used"], s.host_cache_bytes_used)
+        host.add_metric(["total"], s.host_cache_bytes_total)
+        yield host
+        # Definitions of hits, misses, hidden and exposed: engine/prefetch.py.
+        prefetch = CounterMetricFamily(
+            "loraplane_adapter_prefetch", "Adapter loads by their first admitted request: hit "
+            "(the prefetcher started the host-to-GPU copy), miss (admission had to), unused "
+            "(prefetched, evicted before use).", labels=["outcome"])
+        for outcome, value in (("hit", s.adapter_prefetch_hits),
+                               ("miss", s.adapter_prefetch_misses),
+                               ("unused", s.adapter_prefetch_unused)):
+            prefetch.add_metric([outcome], value)
+        yield prefetch
+        load = CounterMetricFamily(
+            "loraplane_adapter_load_seconds", "Adapter load time (source read + host-to-GPU "
+            "copy): hidden (done before a request needed it) or exposed (a request waited).",
+            labels=["kind"])
+        load.add_metric(["hidden"], s.adapter_load_hidden_seconds)
+        load.add_metric(["exposed"], s.adapter_load_exposed_seconds)
+        yield load
+        yield CounterMetricFamily("loraplane_adapter_host_loads",
+                                  "Adapter reads from the source tier into host RAM.",
+                                  value=s.adapter_host_loads)
+        yield CounterMetricFamily("loraplane_adapter_load_failures",
+                                  "Adapters whose weights failed to load.",
+                                  value=s.adapter_load_failures)
 
 
 class ServerMetrics:

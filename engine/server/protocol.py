@@ -163,3 +163,4 @@ class AdapterResponse(BaseModel):
     modules: list[str] | None = None
     num_bytes: int | None = None
     resident: bool | None = None
+    tier: Literal["gpu", "host", "source"] | None = None

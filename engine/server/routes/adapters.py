@@ -24,7 +24,8 @@ async def load_adapter(req: LoadAdapterRequest, engine: EngineDep) -> AdapterRes
     info = await engine.load_adapter(req.lora_name, req.lora_path)
     return AdapterResponse(lora_name=info.name, status="loaded", lora_path=info.path,
                            rank=info.rank, alpha=info.alpha, modules=list(info.modules),
-                           num_bytes=info.num_bytes, resident=info.resident)
+                           num_bytes=info.num_bytes, resident=info.resident,
+                           tier=info.tier)  # type: ignore[arg-type]
 
 
 @router.post("/v1/unload_lora_adapter")

@@ -6,8 +6,9 @@ The JSON shape (stable; new tiers add values to ``tier``, never new fields the g
      "adapters": [{"name": "acme/poet", "tier": "gpu"}, {"name": "beta/coder", "tier": "host"}],
      "load": {"running": 3, "waiting": 0, "pool_pages_free": 812, "pool_pages_total": 1024}}
 
-``tier`` is "gpu" while the adapter's weights are in the device pool, "host" otherwise. An
-unhealthy engine answers 503 like /health, so one poll tells the gateway both.
+``tier`` is "gpu" while the adapter's weights are in the device pool, "host" while they are in the
+engine's host RAM, "source" when only its folder holds them (the gateway ranks gpu > host > any
+other value). An unhealthy engine answers 503 like /health, so one poll tells the gateway both.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ router = APIRouter()
 
 class AdapterResidency(BaseModel):
     name: str
-    tier: Literal["gpu", "host"]
+    tier: Literal["gpu", "host", "source"]
 
 
 class Load(BaseModel):
@@ -52,7 +53,7 @@ async def residency(engine: EngineDep) -> Residency:
     return Residency(
         model=engine.model_name,
         max_model_len=engine.max_model_len,
-        adapters=[AdapterResidency(name=a.name, tier="gpu" if a.resident else "host")
+        adapters=[AdapterResidency(name=a.name, tier=a.tier)  # type: ignore[arg-type]
                   for a in engine.list_adapters()],
         load=Load(running=s.running, waiting=s.waiting,
                   pool_pages_free=max(s.pool_pages_total - used, 0),

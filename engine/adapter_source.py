@@ -1,0 +1,56 @@
+"""Where a registered adapter's weights come from: a PEFT folder on disk, or tensors in memory."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+from loraplane.engine.adapters import LoraSpec, LoraWeights, read_weights
+from loraplane.engine.config import ModelConfig
+
+
+class AdapterSource(ABC):
+    """The source tier of one adapter: its header-checked spec, and how to read its weights."""
+
+    # Reading does I/O: the host tier runs it on a worker thread, never on the engine thread.
+    blocking: bool = True
+
+    def __init__(self, spec: LoraSpec) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    def read(self, dtype: torch.dtype) -> LoraWeights:
+        """The weights (validated, finite), preferably in `dtype`; raises InvalidAdapterError."""
+
+
+class FolderSource(AdapterSource):
+    """A PEFT folder (local, or a node agent's cache path) whose header was checked at
+    registration; the tensors are read, checked again and checked for finite values on read."""
+
+    def __init__(self, folder: str | Path, name: str, config: ModelConfig, spec: LoraSpec, *,
+                 max_rank: int, max_bytes: int) -> None:
+        super().__init__(spec)
+        self.folder = Path(folder)
+        self.name = name
+        self.config = config
+        self.max_rank = max_rank
+        self.max_bytes = max_bytes
+
+    def read(self, dtype: torch.dtype) -> LoraWeights:
+        return read_weights(self.folder, self.name, self.config, self.spec,
+                            max_rank=self.max_rank, max_bytes=self.max_bytes, dtype=dtype)
+
+
+class MemorySource(AdapterSource):
+    """Weights a caller already holds (benchmarks, tests): no I/O, read on the engine thread."""
+
+    blocking = False
+
+    def __init__(self, weights: LoraWeights) -> None:
+        super().__init__(weights)
+        self.weights = weights
+
+    def read(self, dtype: torch.dtype) -> LoraWeights:
+        return self.weights

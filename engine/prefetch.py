@@ -1,0 +1,212 @@
+"""Predictive prefetch: which adapters to bring to host RAM and to the GPU before admission.
+
+Inputs: the waiting queue's adapters in admission order (`upcoming`, from the scheduler each step)
+and recent popularity (an exponentially decayed request count per adapter, half-life
+`HALF_LIFE_S`). Each step the prefetcher
+1. starts host->GPU copies for upcoming adapters already in host RAM, first ones first, into free
+   pool pages beyond a headroom kept for KV growth, or into pages of idle adapters it may evict;
+2. starts source->host loads for upcoming adapters not in host RAM, then for the most popular
+   ones, within a cap of loads in flight.
+Never thrash: a prefetch evicts (from the GPU or from host RAM) only idle adapters that are
+neither in `upcoming` nor more than 1/HYSTERESIS as popular as the adapter it makes room for
+(so near-equal popularity, e.g. uniform traffic, never churns); adapters pinned by running
+requests or being copied are never evicted. Demand loads (`acquire`) follow plain LRU,
+with upcoming adapters evicted last.
+
+Accounting (`TierStats`), per load: a load is the chain that brings an adapter to the GPU (its
+source->host read if it was not in host RAM, then its host->GPU copy). Its *load time* is the
+read's duration plus the copy's (copy start to the step that saw it complete). The load's first
+admitted request classifies it:
+- *prefetch hit*: the prefetcher started the host->GPU copy (so the adapter was GPU-resident, or
+  its copy in flight, before a request needed it); *miss*: `acquire` had to start it;
+- *exposed* time: from the moment the scheduler first asked for the adapter (`acquire`, i.e. when
+  its request was next in line) to the moment the adapter was usable: queue time spent waiting on
+  the adapter. *Hidden* time: load time minus exposed time (at least 0): work done before it was
+  needed. `hidden share` = hidden / (hidden + exposed).
+Later requests for the same adapter while it stays resident count in neither.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from loraplane.engine.adapter_cache import Adapter, AdapterCache
+
+HALF_LIFE_S = 30.0
+# Pool pages a GPU prefetch leaves free for KV growth: 1/HEADROOM_DIV of the pool.
+HEADROOM_DIV = 16
+POPULAR_EVERY_S = 0.2  # how often the popularity pass runs
+HYSTERESIS = 2.0  # a prefetch evicts only adapters this many times less popular
+PREFETCH = "prefetch"
+DEMAND = "demand"
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass
+class Load:
+    """One adapter's way to the GPU, open until its first request is admitted."""
+
+    origin: str  # who started the step in progress: PREFETCH or DEMAND
+    start: float
+    read_s: float = 0.0  # source->host seconds, when part of this load
+    copy_start: float | None = None
+    ready: float | None = None  # when the host->GPU copy was seen complete
+    need: float | None = None  # first acquire() that asked for it
+
+    @property
+    def load_s(self) -> float:
+        copy = (self.ready - self.copy_start) if self.ready and self.copy_start else 0.0
+        return self.read_s + copy
+
+    @property
+    def exposed_s(self) -> float:
+        if self.ready is None or self.need is None:
+            return 0.0
+        return max(0.0, self.ready - self.need)
+
+
+@dataclass
+class TierStats:
+    """Counters of loads and prefetch predictions (see the module docstring)."""
+
+    prefetch_hits: int = 0
+    prefetch_misses: int = 0
+    load_hidden_s: float = 0.0
+    load_exposed_s: float = 0.0
+    prefetch_unused: int = 0  # prefetched to the GPU, evicted before any request used it
+    load_failures: int = 0
+    host_loads: int = 0  # source->host reads started (demand and prefetch)
+
+    def admitted(self, load: Load) -> None:
+        """Account a load whose first request was just admitted."""
+        if load.origin == PREFETCH:
+            self.prefetch_hits += 1
+        else:
+            self.prefetch_misses += 1
+        exposed = load.exposed_s
+        self.load_exposed_s += exposed
+        self.load_hidden_s += max(0.0, load.load_s - exposed)
+
+    @property
+    def hidden_share(self) -> float:
+        total = self.load_hidden_s + self.load_exposed_s
+        return self.load_hidden_s / total if total > 0 else float("nan")
+
+
+class Popularity(Generic[K]):
+    """Exponentially decayed request counts: each request adds 1, halving every HALF_LIFE_S."""
+
+    def __init__(self, half_life_s: float = HALF_LIFE_S) -> None:
+        self.rate = math.log(2) / half_life_s
+        self._score: dict[K, tuple[float, float]] = {}  # key -> (score, at time)
+
+    def add(self, key: K, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._score[key] = (self.of(key, now) + 1.0, now)
+
+    def of(self, key: K, now: float | None = None) -> float:
+        score, at = self._score.get(key, (0.0, 0.0))
+        if not score:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        return score * math.exp(-self.rate * (now - at))
+
+    def forget(self, key: K) -> None:
+        self._score.pop(key, None)
+
+    def top(self, n: int, now: float | None = None) -> list[K]:
+        """The n most popular keys, most popular first; drops keys decayed to nothing."""
+        now = time.monotonic() if now is None else now
+        scored = [(self.of(k, now), k) for k in self._score]
+        for s, k in scored:
+            if s < 1e-3:
+                del self._score[k]
+        scored.sort(key=lambda sk: -sk[0])
+        return [k for s, k in scored[:n] if s >= 1e-3]
+
+
+class Prefetcher:
+    """The policy above, over an AdapterCache's mechanisms (loads, copies, evictions)."""
+
+    def __init__(self, cache: AdapterCache) -> None:
+        self.cache = cache
+        self._next_popular = 0.0
+
+    def run(self, upcoming: list[Adapter]) -> None:
+        """One step: the queue's adapters in admission order, then now and then popular ones."""
+        now = time.monotonic()
+        gpu = True
+        for a in upcoming:
+            # Once one does not fit, later ones do not jump ahead of it (admission order).
+            gpu = self.one(a, now, gpu)
+        if now < self._next_popular:
+            return
+        self._next_popular = now + POPULAR_EVERY_S
+        host = self.cache.host
+        for a in self.cache.popularity.top(host.capacity // max(1, self._mean_bytes()), now):
+            if host.num_loading >= host.max_loading:
+                break
+            if a.error is None and not a.unloading and a not in host:
+                self._to_host(a, now)
+
+    def one(self, adapter: Adapter, now: float, gpu: bool) -> bool:
+        """Start the next move up for one adapter (a GPU copy only if `gpu`); returns whether
+        a later adapter may still start a GPU copy."""
+        if adapter.error is not None or adapter.unloading or adapter.resident:
+            return gpu
+        if self.cache.host.buffer(adapter) is None:
+            self._to_host(adapter, now)
+            return gpu
+        if gpu and self._gpu_room(adapter, now):
+            self.cache.start_copy(adapter, PREFETCH)
+            return True
+        return False
+
+    def _to_host(self, adapter: Adapter, now: float) -> None:
+        """Start a source->host load that evicts only idle, unneeded, less popular adapters."""
+        cache = self.cache
+        if adapter in cache.host or cache.host.num_loading >= cache.host.max_loading:
+            return
+        pop = cache.popularity.of(adapter, now)
+
+        def can_evict(v: Adapter) -> bool:
+            return (not cache.pinned(v) and v not in cache.upcoming and not v.resident
+                    and cache.popularity.of(v, now) * HYSTERESIS < pop)
+
+        fresh = adapter.load is None
+        if fresh:
+            adapter.load = Load(PREFETCH, now)
+        if not cache.start_host_load(adapter, can_evict) and fresh:
+            adapter.load = None
+
+    def _gpu_room(self, adapter: Adapter, now: float) -> bool:
+        """Free pages for a prefetch beyond the KV headroom, evicting only idle adapters that
+        are neither upcoming nor at least as popular."""
+        cache = self.cache
+        pages = cache.pool.pages
+        need = cache.size_in_pages(adapter) + max(1, pages.num_pages // HEADROOM_DIV)
+        if pages.num_free >= need:
+            return True
+        pop = cache.popularity.of(adapter, now)
+        victims = sorted((v for v in cache.resident_adapters
+                          if v.active == 0 and v.copy_event is None and v not in cache.upcoming
+                          and cache.popularity.of(v, now) * HYSTERESIS < pop),
+                         key=lambda v: v.last_used)
+        if pages.num_free + sum(len(v.pages or ()) for v in victims) < need:
+            return False
+        for v in victims:
+            if pages.num_free >= need:
+                break
+            cache.evict(v)
+        return True
+
+    def _mean_bytes(self) -> int:
+        """Host bytes of a typical registered adapter (a sample), to size the popular list."""
+        sample = list(itertools.islice(self.cache.all(), 64))
+        return sum(self.cache.host.nbytes(a.spec) for a in sample) // len(sample) if sample else 1
