@@ -256,15 +256,16 @@ class LLMEngine:
             assert adapter.error is not None
             for seq in [s for s in self.scheduler.waiting if s.adapter is adapter]:
                 seq.finish_reason = "error"
-                self._finish(seq, InvalidAdapterError(adapter.error.message, param="model"))
+                seq.error = InvalidAdapterError(adapter.error.message, param="model")
+                self._finish(seq)
 
-    def _finish(self, seq: Sequence, error: InvalidAdapterError | None = None) -> RequestOutput:
+    def _finish(self, seq: Sequence) -> RequestOutput:
+        """End a request now; its last output carries `seq.error` when it ended on one."""
         self.scheduler.finish(seq)
         assert seq.finish_reason is not None
         self._finished[seq.finish_reason] += 1
         self._stats.prompt_tokens_total += len(seq.prompt_ids)
         out = take_output(seq, finished=True)
-        out.error = error
         if seq.on_output is not None:
             seq.on_output(out)
         return out

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from loraplane.engine.errors import EngineError
 
 from loraplane.engine.errors import EngineError
 
@@ -19,7 +15,7 @@ class RequestOutput:
     text_delta: str
     token_ids_delta: list[int]
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     # Set when the engine refused the request before its first token (early abort) or the

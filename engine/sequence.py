@@ -39,7 +39,9 @@ class Sequence:
     holds_adapter: bool = False  # the adapter is pinned on this sequence's behalf
     sample_seed: int | None = None  # the request's seed, or one drawn at its first sample
     finish_reason: str | None = None
-    error: EngineError | None = None  # why the engine refused it (finish_reason "abort")
+    # Why the engine ended it without serving it: refused by the policy (finish_reason "abort")
+    # or its adapter's weights failed to load ("error").
+    error: EngineError | None = None
     # Admission rounds in which a request behind it was admitted while it waited (the
     # scheduler's starvation bound).
     passed_over: int = 0
