@@ -38,8 +38,10 @@ def _sync(engine: LLMEngine) -> None:
 
 
 def warm_up(engine: LLMEngine, sets: WeightSets | None, seed: int) -> None:
-    """Run a short mixed batch (every rank, prefill and decode) through adapters the trace
-    does not use, then unregister them, so lazy initialisation is not timed."""
+    """Run a short mixed batch (every rank, prefill and decode), then each rank alone, through
+    adapters the trace does not use, then unregister them; and capture the decode graphs of
+    every batch bucket and rank class. Kernel compiles and graph captures (an engine's start-up
+    cost) are then not timed as serving."""
     names: list[str | None] = [None]
     if sets is not None:
         for rank in sets.ranks:
@@ -50,8 +52,13 @@ def warm_up(engine: LLMEngine, sets: WeightSets | None, seed: int) -> None:
     prompts: list[str | list[int]] = [
         prompt_ids(Request(WARMUP_INDEX + i, 0.0, None, 48 + 16 * i, 8), vocab, seed)
         for i in range(len(names))]
-    engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
-                    names)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine.generate(prompts, params, names)
+    for prompt, name in zip(prompts[1:], names[1:], strict=True):  # each rank's kernel variant
+        engine.generate([prompt], params, [name])
+    graphs = engine.runner.graphs
+    if graphs is not None:
+        graphs.capture_all(max(sets.ranks) if sets is not None else 0)
     for name in names[1:]:
         assert name is not None
         engine.unload_adapter(name)
