@@ -270,7 +270,9 @@ class TensorParallelEngine(LLMEngine):
     def _place(self, adapter_id: int, pages: list[int]) -> None:
         """Write this rank's shard of an adapter into the pages rank 0 gave it."""
         adapter = self._by_id[adapter_id]
-        self.pool.write_pages(pages, adapter.weights.flatten(self.config))
+        # Workers register shards as in-memory sources: reading one is a no-op.
+        weights = adapter.source.read(self.pool.data.dtype)
+        self.pool.write_pages(pages, weights.flatten(self.config))
         adapter.pages = pages  # the kernels read page tables only
 
     @torch.inference_mode()
