@@ -2,11 +2,14 @@
 # The GPU runs behind docs/BENCHMARKS.md's tier, policy and tensor-parallel tables, one part per
 # device call (each part fits the device tool's 10-minute limit and its 8 returned files).
 # Usage: bench/gpu_issue_runs.sh PART OUT_DIR
-#   tiers  (nvidia-h200):    S2, 2,000 adapters from disk through a 16 GiB host tier and a 40 GiB
-#                            pool, popularity alpha 1 and 0.3, prefetch on and off (4 runs)
-#   policy (nvidia-h200):    early abort vs FCFS under overload, cv 1/2/4/8 (one process), then
-#                            S2 at saturation with 0 and 1,000 adapters
-#   tp     (nvidia-h200-x2): llama-2-13b S4, 100 adapters, TP 1 vs 2, and TP 2 without LoRA
+#   tiers  (one H200): S2, 2,000 adapters from disk through a 16 GiB host tier and a 40 GiB pool,
+#                      popularity alpha 1 and 0.3, prefetch on and off, at 6 req/s (4 runs)
+#   policy (one H200): early abort vs FCFS under overload, cv 1/2/4/8 (one process), then S2 at
+#                      saturation with 0 and 1,000 adapters
+#   tp     (two H200): llama-2-13b S4, 100 adapters, TP 1 vs 2, and TP 2 without LoRA, eager;
+#                      `python bench/tp_bench.py --from-runs <their JSON>` summarizes them
+#   x2     (two H200): tp, then the tier runs at saturation (GPU 0) beside the policy sweep
+#                      (GPU 1)
 part=${1:?part}; out=${2:?out dir}
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 bench() { timeout "$1" python3 -m loraplane.cli bench --device cuda --dtype bfloat16 \
@@ -23,9 +26,25 @@ policy)
   bench 260 --setting S2 --num-adapters 100 --num-requests 64 --rate 12 \
     --scheduling-policy fcfs abort --cv-sweep 1 2 4 8
   for n in 0 1000; do bench 120 --setting S2 --num-adapters $n --num-requests 200 --saturate; done ;;
-tp)
-  timeout 560 python3 bench/tp_bench.py --shape llama-2-13b --ranks 16 32 64 --num-adapters 100 \
-    --tp 1 2 --num-requests 200 --device cuda --out "$out" -- --dtype bfloat16 \
-    --log-level warning 2>&1 | grep -v -i -e warn -e '%|' ;;
+tp)  # each run writes its JSON at once
+  for spec in "1 100" "2 100" "2 0"; do
+    set -- $spec
+    bench 100 --setting S4 --ranks 16 32 64 --num-adapters "$2" --tensor-parallel-size "$1" \
+      --saturate --num-requests 150 --sets-per-rank 4 --no-cuda-graphs | tail -4
+  done ;;
+x2)
+  bash "$0" tp "$out"
+  (export CUDA_VISIBLE_DEVICES=0
+   for alpha in 1 0.3; do
+     for pf in "" --no-prefetch; do
+       bench 60 --setting S2 --num-adapters 2000 --alpha $alpha --adapter-source disk \
+         --host-cache-memory 16 --pool-memory 40 --saturate --num-requests 120 $pf
+     done
+   done > /tmp/tiers.log 2>&1) &
+  (export CUDA_VISIBLE_DEVICES=1
+   bench 230 --setting S2 --num-adapters 100 --num-requests 120 --rate 20 \
+     --scheduling-policy fcfs abort --cv-sweep 1 2 4 8 > /tmp/policy.log 2>&1) &
+  wait
+  grep -h -A9 '^system' /tmp/tiers.log /tmp/policy.log ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac

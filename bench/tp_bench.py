@@ -97,6 +97,9 @@ def main(argv: list[str]) -> int:
                    help="let TP=1 replay decode graphs (TP>1 runs eagerly; off by default so "
                         "every size is compared eager to eager)")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--from-runs", type=Path, nargs="*", default=[], metavar="JSON",
+                   help="summarize these `loraplane bench` records instead of running (runs "
+                        "made one by one, e.g. by bench/gpu_issue_runs.sh tp)")
     p.add_argument("--include", type=Path, nargs="*", default=[], metavar="JSON",
                    help="earlier tp_bench records whose runs join this summary (to split the "
                         "runs over several commands)")
@@ -104,8 +107,11 @@ def main(argv: list[str]) -> int:
     no_lora = args.no_lora_tp if args.no_lora_tp is not None else [t for t in args.tp if t > 1]
     plan = [(tp, n) for tp in args.tp for n in args.num_adapters]
     plan += [(tp, 0) for tp in no_lora if (tp, 0) not in plan]
-    with tempfile.TemporaryDirectory(prefix="tp-bench-") as tmp:
-        runs = [run_one(args, tp, n, extra, Path(tmp)) for tp, n in plan]
+    if args.from_runs:
+        runs = [json.loads(path.read_text()) for path in args.from_runs]
+    else:
+        with tempfile.TemporaryDirectory(prefix="tp-bench-") as tmp:
+            runs = [run_one(args, tp, n, extra, Path(tmp)) for tp, n in plan]
     for path in args.include:
         runs += json.loads(path.read_text())["runs"]
     rows = summarize(runs)

@@ -202,10 +202,11 @@ class AdapterCache:
             self._dropping.remove(adapter)
             self._forget(adapter)
 
-    def admitted(self, adapter: Adapter) -> None:
-        """A request using the adapter was admitted: close its load's accounting."""
+    def admitted(self, adapter: Adapter, arrival: float | None = None) -> None:
+        """A request using the adapter (arrived at `arrival`, time.monotonic) was admitted:
+        close its load's accounting."""
         if adapter.load is not None and adapter.ready:
-            self.stats.admitted(adapter.load)
+            self.stats.admitted(adapter.load, arrival)
             adapter.load = None
 
     def make_room(self, pages: int) -> bool:

@@ -225,7 +225,9 @@ class LLMEngine:
             return outputs
         for seq in batch.seqs:
             if seq.adapter is not None and seq.num_computed == 0:
-                self.adapters.admitted(seq.adapter)
+                # The tier accounting runs on time.monotonic; a test's fake clock is not it.
+                self.adapters.admitted(
+                    seq.adapter, seq.arrival if self.clock is time.monotonic else None)
         sampled, tokens, _ = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             seq.num_computed += n
@@ -323,6 +325,11 @@ class LLMEngine:
         s.adapter_prefetch_unused = t.prefetch_unused
         s.adapter_load_hidden_seconds = t.load_hidden_s
         s.adapter_load_exposed_seconds = t.load_exposed_s
+        s.adapter_copy_hidden_seconds = t.copy_hidden_s
+        s.adapter_copy_exposed_seconds = t.copy_exposed_s
+        s.adapter_queued_copy_hidden_seconds = t.queued_copy_hidden_s
+        s.adapter_queued_copy_exposed_seconds = t.queued_copy_exposed_s
+        s.adapter_queued_loads = t.queued_loads
         s.adapter_load_failures = t.load_failures
         s.adapter_host_loads = t.host_loads
         s.requests_finished = dict(self._finished)

@@ -64,5 +64,10 @@ class EngineStats:
     adapter_prefetch_unused: int = 0
     adapter_load_hidden_seconds: float = 0.0
     adapter_load_exposed_seconds: float = 0.0
+    adapter_copy_hidden_seconds: float = 0.0  # host->GPU copies alone
+    adapter_copy_exposed_seconds: float = 0.0
+    adapter_queued_copy_hidden_seconds: float = 0.0  # copies of loads whose request waited
+    adapter_queued_copy_exposed_seconds: float = 0.0
+    adapter_queued_loads: int = 0
     adapter_load_failures: int = 0
     adapter_host_loads: int = 0  # source->host reads started

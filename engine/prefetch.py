@@ -23,6 +23,11 @@ admitted request classifies it:
   its request was next in line) to the moment the adapter was usable: queue time spent waiting on
   the adapter. *Hidden* time: load time minus exposed time (at least 0): work done before it was
   needed. `hidden share` = hidden / (hidden + exposed).
+The host->GPU copy alone is accounted the same way (*copy* hidden/exposed: the copy's duration,
+from its start to the step that saw it complete, and the part of it after the adapter was first
+asked for), and separately for loads whose first request *waited in the queue* (the scheduler
+first asked for its adapter at least QUEUED_S after the request arrived): that is where the queue
+makes the load predictable, and the share the issue's target (>= 90 % hidden) is about.
 Later requests for the same adapter while it stays resident count in neither.
 """
 
@@ -43,6 +48,12 @@ HALF_LIFE_S = 30.0
 HEADROOM_DIV = 16
 POPULAR_EVERY_S = 0.2  # how often the popularity pass runs
 HYSTERESIS = 2.0  # a prefetch evicts only adapters this many times less popular
+# The popularity pass reads ahead only adapters requested again recently (a decayed count of at
+# least this): under uniform traffic one-off adapters would only keep the loader threads busy.
+REPEAT_SCORE = 1.5
+# A request waited in the queue when its adapter was first asked for this long after it arrived
+# (a few decode steps): only then could the queue have predicted the load.
+QUEUED_S = 0.05
 PREFETCH = "prefetch"
 DEMAND = "demand"
 K = TypeVar("K", bound=Hashable)
@@ -70,6 +81,17 @@ class Load:
             return 0.0
         return max(0.0, self.ready - self.need)
 
+    @property
+    def copy_s(self) -> float:
+        return (self.ready - self.copy_start) if self.ready and self.copy_start else 0.0
+
+    @property
+    def copy_exposed_s(self) -> float:
+        """The part of the host->GPU copy after the adapter was first asked for."""
+        if self.ready is None or self.need is None or self.copy_start is None:
+            return 0.0
+        return max(0.0, self.ready - max(self.need, self.copy_start))
+
 
 @dataclass
 class TierStats:
@@ -82,9 +104,14 @@ class TierStats:
     prefetch_unused: int = 0  # prefetched to the GPU, evicted before any request used it
     load_failures: int = 0
     host_loads: int = 0  # source->host reads started (demand and prefetch)
+    copy_hidden_s: float = 0.0
+    copy_exposed_s: float = 0.0
+    queued_copy_hidden_s: float = 0.0  # copies of loads whose first request waited (QUEUED_S)
+    queued_copy_exposed_s: float = 0.0
+    queued_loads: int = 0
 
-    def admitted(self, load: Load) -> None:
-        """Account a load whose first request was just admitted."""
+    def admitted(self, load: Load, arrival: float | None = None) -> None:
+        """Account a load whose first request (arrived at `arrival`) was just admitted."""
         if load.origin == PREFETCH:
             self.prefetch_hits += 1
         else:
@@ -92,6 +119,14 @@ class TierStats:
         exposed = load.exposed_s
         self.load_exposed_s += exposed
         self.load_hidden_s += max(0.0, load.load_s - exposed)
+        copy_exposed = load.copy_exposed_s
+        copy_hidden = max(0.0, load.copy_s - copy_exposed)
+        self.copy_exposed_s += copy_exposed
+        self.copy_hidden_s += copy_hidden
+        if arrival is not None and load.need is not None and load.need - arrival >= QUEUED_S:
+            self.queued_loads += 1
+            self.queued_copy_exposed_s += copy_exposed
+            self.queued_copy_hidden_s += copy_hidden
 
     @property
     def hidden_share(self) -> float:
@@ -150,8 +185,9 @@ class Prefetcher:
         self._next_popular = now + POPULAR_EVERY_S
         host = self.cache.host
         for a in self.cache.popularity.top(host.capacity // max(1, self._mean_bytes()), now):
-            if host.num_loading >= host.max_loading:
-                break
+            if host.num_loading >= host.max_loading \
+                    or self.cache.popularity.of(a, now) < REPEAT_SCORE:
+                break  # most popular first: the rest were not requested again either
             if a.error is None and not a.unloading and a not in host:
                 self._to_host(a, now)
 

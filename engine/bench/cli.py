@@ -114,6 +114,11 @@ def tier_results(s: EngineStats) -> dict[str, float]:
             "prefetch_unused": s.adapter_prefetch_unused,
             "adapter_load_hidden_s": s.adapter_load_hidden_seconds,
             "adapter_load_exposed_s": s.adapter_load_exposed_seconds,
+            "adapter_copy_hidden_s": s.adapter_copy_hidden_seconds,
+            "adapter_copy_exposed_s": s.adapter_copy_exposed_seconds,
+            "queued_copy_hidden_s": s.adapter_queued_copy_hidden_seconds,
+            "queued_copy_exposed_s": s.adapter_queued_copy_exposed_seconds,
+            "queued_loads": s.adapter_queued_loads,
             "adapter_load_failures": s.adapter_load_failures,
             "adapter_host_loads": s.adapter_host_loads,
             "host_cache_gib": round(s.host_cache_bytes_total / 2**30, 6)}
@@ -123,10 +128,12 @@ def tier_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     """The tier counters of one replay (after - before) and the hidden share of load time."""
     out: dict[str, float | None] = {
         k: round(v - before[k], 4) if k != "host_cache_gib" else v for k, v in after.items()}
-    hidden = out["adapter_load_hidden_s"] or 0
-    exposed = out["adapter_load_exposed_s"] or 0
-    out["adapter_load_hidden_share"] = (round(hidden / (hidden + exposed), 4)
-                                        if hidden + exposed > 0 else None)
+    for share, hidden_key, exposed_key in (
+            ("adapter_load_hidden_share", "adapter_load_hidden_s", "adapter_load_exposed_s"),
+            ("adapter_copy_hidden_share", "adapter_copy_hidden_s", "adapter_copy_exposed_s"),
+            ("queued_copy_hidden_share", "queued_copy_hidden_s", "queued_copy_exposed_s")):
+        hidden, exposed = out[hidden_key] or 0, out[exposed_key] or 0
+        out[share] = round(hidden / (hidden + exposed), 4) if hidden + exposed > 0 else None
     return out
 
 

@@ -64,7 +64,9 @@ COLUMNS = [("req/s", "req_per_s", "{:.3f}"), ("out tok/s", "output_tokens_per_s"
            ("aborted", "aborted_share", "{:.1%}"),
            ("decode ms p50", "decode_step_ms_p50", "{:.2f}"),
            ("prefetch hits", "prefetch_hits", "{:d}"), ("misses", "prefetch_misses", "{:d}"),
-           ("load hidden", "adapter_load_hidden_share", "{:.1%}")]
+           ("load hidden", "adapter_load_hidden_share", "{:.1%}"),
+           ("copy hidden", "adapter_copy_hidden_share", "{:.1%}"),
+           ("queued hidden", "queued_copy_hidden_share", "{:.1%}")]
 
 
 def table(results: dict[str, dict]) -> str:

@@ -82,6 +82,15 @@ class EngineCollector(Collector):
         load.add_metric(["hidden"], s.adapter_load_hidden_seconds)
         load.add_metric(["exposed"], s.adapter_load_exposed_seconds)
         yield load
+        copy = CounterMetricFamily(
+            "loraplane_adapter_copy_seconds", "Host-to-GPU adapter copy time, hidden or exposed "
+            "as above; queued: loads whose request waited in the queue before its adapter was "
+            "asked for (where the queue makes them predictable).", labels=["kind", "queued"])
+        copy.add_metric(["hidden", "any"], s.adapter_copy_hidden_seconds)
+        copy.add_metric(["exposed", "any"], s.adapter_copy_exposed_seconds)
+        copy.add_metric(["hidden", "yes"], s.adapter_queued_copy_hidden_seconds)
+        copy.add_metric(["exposed", "yes"], s.adapter_queued_copy_exposed_seconds)
+        yield copy
         yield CounterMetricFamily("loraplane_adapter_host_loads",
                                   "Adapter reads from the source tier into host RAM.",
                                   value=s.adapter_host_loads)
