@@ -24,12 +24,15 @@ SLORA_PAPER = {
 PEFT_PAPER = {5: 0.88, 100: 0.25}
 
 
-def load_runs(folder: Path, setting: str) -> tuple[dict[int, float], dict[int, float], str]:
-    """(engine req/s by adapter count, PEFT req/s by adapter count, machine) of saturated runs."""
+def load_runs(folder: Path, setting: str,
+              patterns: list[str]) -> tuple[dict[int, float], dict[int, float], str]:
+    """(engine req/s by adapter count, PEFT req/s by adapter count, machine) of saturated runs
+    in files matching `patterns` (one sweep of one code version, not every run ever made)."""
     newest: dict[int, tuple[str, dict[str, Any]]] = {}
     peft: dict[int, float] = {}
     machine = ""
-    for path in sorted(folder.glob("bench-*.json")):
+    paths = sorted({p for pattern in patterns for p in folder.glob(pattern)})
+    for path in paths:
         try:
             d = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -55,6 +58,9 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=Path("bench/results"))
     p.add_argument("--setting", default="S2")
     p.add_argument("--out", type=Path, default=Path("docs/throughput-vs-adapters.png"))
+    p.add_argument("--files", nargs="+", default=["bench-*-S2-n*-sat.json",
+                                                  "bench-*-S2-n*-sat-peft.json"],
+                   help="result files (globs in --results) of the sweep to draw")
     args = p.parse_args()
 
     import matplotlib
@@ -62,7 +68,7 @@ def main() -> None:
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
-    engine, peft, machine = load_runs(args.results, args.setting)
+    engine, peft, machine = load_runs(args.results, args.setting, args.files)
     if not engine:
         raise SystemExit(f"no saturated {args.setting} runs in {args.results}")
     fig, ax = plt.subplots(figsize=(7, 4.2))

@@ -343,6 +343,17 @@ class AdapterCache:
             adapter.load.ready = time.monotonic()
         return True
 
+    def drop_idle(self) -> None:
+        """Take every idle adapter out of the pool and host RAM and forget popularity, so each of
+        a benchmark's replays starts cold (the adapters stay registered)."""
+        self.poll()
+        for a in self.all():
+            if a.active == 0:
+                self.evict(a)
+                self.host.drop(a)
+                self.popularity.forget(a)
+                a.load = None
+
     def evict(self, adapter: Adapter) -> None:
         """Give the adapter's pool pages back (it stays in host RAM if it is there)."""
         if adapter.pages is None:

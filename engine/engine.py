@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -319,19 +320,7 @@ class LLMEngine:
         s.adapters_host = self.adapters.num_host()
         s.host_cache_bytes_used = self.adapters.host.used
         s.host_cache_bytes_total = self.adapters.host.capacity
-        t = self.adapters.stats
-        s.adapter_prefetch_hits = t.prefetch_hits
-        s.adapter_prefetch_misses = t.prefetch_misses
-        s.adapter_prefetch_unused = t.prefetch_unused
-        s.adapter_load_hidden_seconds = t.load_hidden_s
-        s.adapter_load_exposed_seconds = t.load_exposed_s
-        s.adapter_copy_hidden_seconds = t.copy_hidden_s
-        s.adapter_copy_exposed_seconds = t.copy_exposed_s
-        s.adapter_queued_copy_hidden_seconds = t.queued_copy_hidden_s
-        s.adapter_queued_copy_exposed_seconds = t.queued_copy_exposed_s
-        s.adapter_queued_loads = t.queued_loads
-        s.adapter_load_failures = t.load_failures
-        s.adapter_host_loads = t.host_loads
+        s.tiers = dataclasses.replace(self.adapters.stats)
         s.requests_finished = dict(self._finished)
         return s
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from loraplane.engine.errors import EngineError
+from loraplane.engine.prefetch import TierStats
 
 
 @dataclass
@@ -59,15 +60,4 @@ class EngineStats:
     adapters_host: int = 0  # registered adapters whose weights are in host RAM
     host_cache_bytes_used: int = 0  # loaded + loading
     host_cache_bytes_total: int = 0
-    adapter_prefetch_hits: int = 0
-    adapter_prefetch_misses: int = 0
-    adapter_prefetch_unused: int = 0
-    adapter_load_hidden_seconds: float = 0.0
-    adapter_load_exposed_seconds: float = 0.0
-    adapter_copy_hidden_seconds: float = 0.0  # host->GPU copies alone
-    adapter_copy_exposed_seconds: float = 0.0
-    adapter_queued_copy_hidden_seconds: float = 0.0  # copies of loads whose request waited
-    adapter_queued_copy_exposed_seconds: float = 0.0
-    adapter_queued_loads: int = 0
-    adapter_load_failures: int = 0
-    adapter_host_loads: int = 0  # source->host reads started
+    tiers: TierStats = field(default_factory=TierStats)  # a copy of the cache's counters

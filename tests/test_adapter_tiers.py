@@ -159,11 +159,11 @@ def test_prefetched_adapter_gives_the_same_tokens(tmp_path: Path) -> None:
         tokens[prefetch] = [s.output_ids for s in seqs]
         s = engine.stats()
         if prefetch:
-            assert s.adapter_prefetch_hits >= 1
+            assert s.tiers.prefetch_hits >= 1
         else:
-            assert s.adapter_prefetch_hits == 0 and s.adapter_prefetch_misses >= 4
-        assert s.adapter_prefetch_hits + s.adapter_prefetch_misses >= 4
-        assert s.adapter_load_hidden_seconds >= 0 and s.adapter_load_exposed_seconds >= 0
+            assert s.tiers.prefetch_hits == 0 and s.tiers.prefetch_misses >= 4
+        assert s.tiers.prefetch_hits + s.tiers.prefetch_misses >= 4
+        assert s.tiers.load_hidden_s >= 0 and s.tiers.load_exposed_s >= 0
         engine.pool.pages.check_invariants()
         engine.adapters.check_invariants()
     assert tokens[True] == tokens[False]
@@ -203,7 +203,7 @@ def test_failing_weights_fail_their_requests_only(tmp_path: Path) -> None:
         engine.add_request("late", [3], GREEDY, "bad")
     info = {a.name: a for a in engine.list_adapters()}
     assert info["bad"].tier == "source" and info["good"].tier in ("gpu", "host")
-    assert engine.stats().adapter_load_failures == 1
+    assert engine.stats().tiers.load_failures == 1
     engine.pool.pages.check_invariants()
     engine.adapters.check_invariants()
 

@@ -110,17 +110,14 @@ def _check(args: argparse.Namespace, ranks: tuple[int, ...]) -> None:
 def tier_results(s: EngineStats) -> dict[str, float]:
     """The engine's adapter-tier counters (prefetch hits and misses, hidden and exposed load
     seconds as engine/prefetch.py defines them)."""
-    return {"prefetch_hits": s.adapter_prefetch_hits, "prefetch_misses": s.adapter_prefetch_misses,
-            "prefetch_unused": s.adapter_prefetch_unused,
-            "adapter_load_hidden_s": s.adapter_load_hidden_seconds,
-            "adapter_load_exposed_s": s.adapter_load_exposed_seconds,
-            "adapter_copy_hidden_s": s.adapter_copy_hidden_seconds,
-            "adapter_copy_exposed_s": s.adapter_copy_exposed_seconds,
-            "queued_copy_hidden_s": s.adapter_queued_copy_hidden_seconds,
-            "queued_copy_exposed_s": s.adapter_queued_copy_exposed_seconds,
-            "queued_loads": s.adapter_queued_loads,
-            "adapter_load_failures": s.adapter_load_failures,
-            "adapter_host_loads": s.adapter_host_loads,
+    t = s.tiers
+    return {"prefetch_hits": t.prefetch_hits, "prefetch_misses": t.prefetch_misses,
+            "prefetch_unused": t.prefetch_unused,
+            "adapter_load_hidden_s": t.load_hidden_s, "adapter_load_exposed_s": t.load_exposed_s,
+            "adapter_copy_hidden_s": t.copy_hidden_s, "adapter_copy_exposed_s": t.copy_exposed_s,
+            "queued_copy_hidden_s": t.queued_copy_hidden_s,
+            "queued_copy_exposed_s": t.queued_copy_exposed_s, "queued_loads": t.queued_loads,
+            "adapter_load_failures": t.load_failures, "adapter_host_loads": t.host_loads,
             "host_cache_gib": round(s.host_cache_bytes_total / 2**30, 6)}
 
 
@@ -207,10 +204,11 @@ def run(args: argparse.Namespace) -> int:
         warm_up(engine, sets, args.seed)
         runs = [(policy, cv) for policy in args.scheduling_policy for cv in cvs]
         for policy, cv in runs:
-            # Each run starts from the same state: the policy's own, and no adapter resident.
+            # Each run starts from the same state: the policy's own, and no adapter on the GPU
+            # or in host RAM.
             engine.scheduler.set_policy(make_policy(
                 dataclasses.replace(cfg, scheduling_policy=policy)))
-            engine.adapters.make_room(engine.pool.pages.num_pages)
+            engine.adapters.drop_idle()
             before = tier_results(engine.stats())
             played = replay(engine, traces[cv], names, saturate=args.saturate, seed=args.seed)
             stats = engine.stats()

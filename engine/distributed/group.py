@@ -129,13 +129,7 @@ class WorkerMonitor:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
-        deadline = time.monotonic() + timeout
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        self.stop(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Wait for workers that were told to exit; kill any that do not."""

@@ -66,37 +66,38 @@ class EngineCollector(Collector):
         host.add_metric(["total"], s.host_cache_bytes_total)
         yield host
         # Definitions of hits, misses, hidden and exposed: engine/prefetch.py.
+        t = s.tiers
         prefetch = CounterMetricFamily(
             "loraplane_adapter_prefetch", "Adapter loads by their first admitted request: hit "
             "(the prefetcher started the host-to-GPU copy), miss (admission had to), unused "
             "(prefetched, evicted before use).", labels=["outcome"])
-        for outcome, value in (("hit", s.adapter_prefetch_hits),
-                               ("miss", s.adapter_prefetch_misses),
-                               ("unused", s.adapter_prefetch_unused)):
+        for outcome, value in (("hit", t.prefetch_hits),
+                               ("miss", t.prefetch_misses),
+                               ("unused", t.prefetch_unused)):
             prefetch.add_metric([outcome], value)
         yield prefetch
         load = CounterMetricFamily(
             "loraplane_adapter_load_seconds", "Adapter load time (source read + host-to-GPU "
             "copy): hidden (done before a request needed it) or exposed (a request waited).",
             labels=["kind"])
-        load.add_metric(["hidden"], s.adapter_load_hidden_seconds)
-        load.add_metric(["exposed"], s.adapter_load_exposed_seconds)
+        load.add_metric(["hidden"], t.load_hidden_s)
+        load.add_metric(["exposed"], t.load_exposed_s)
         yield load
         copy = CounterMetricFamily(
             "loraplane_adapter_copy_seconds", "Host-to-GPU adapter copy time, hidden or exposed "
             "as above; queued: loads whose request waited in the queue before its adapter was "
             "asked for (where the queue makes them predictable).", labels=["kind", "queued"])
-        copy.add_metric(["hidden", "any"], s.adapter_copy_hidden_seconds)
-        copy.add_metric(["exposed", "any"], s.adapter_copy_exposed_seconds)
-        copy.add_metric(["hidden", "yes"], s.adapter_queued_copy_hidden_seconds)
-        copy.add_metric(["exposed", "yes"], s.adapter_queued_copy_exposed_seconds)
+        copy.add_metric(["hidden", "any"], t.copy_hidden_s)
+        copy.add_metric(["exposed", "any"], t.copy_exposed_s)
+        copy.add_metric(["hidden", "yes"], t.queued_copy_hidden_s)
+        copy.add_metric(["exposed", "yes"], t.queued_copy_exposed_s)
         yield copy
         yield CounterMetricFamily("loraplane_adapter_host_loads",
                                   "Adapter reads from the source tier into host RAM.",
-                                  value=s.adapter_host_loads)
+                                  value=t.host_loads)
         yield CounterMetricFamily("loraplane_adapter_load_failures",
                                   "Adapters whose weights failed to load.",
-                                  value=s.adapter_load_failures)
+                                  value=t.load_failures)
 
 
 class ServerMetrics:
