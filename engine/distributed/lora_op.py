@@ -43,7 +43,6 @@ class TensorParallelLoraOp(LoraOp):
     columns of the partial output (which the base model's all-reduce then sums)."""
 
     block_m = 16
-    split_k = 4
 
     def __init__(self, pool: DevicePool, rank: int, world: int, group: dist.ProcessGroup | None,
                  kernels: bool | None = None) -> None:
@@ -69,11 +68,12 @@ class TensorParallelLoraOp(LoraOp):
         return LoraBatch(segments, meta)
 
     def _shrink(self, x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
-                module: str) -> torch.Tensor:
+                module: str | tuple[str, ...]) -> torch.Tensor:
+        """[T, M·R] for the M modules reading x, one launch (module j's block at j·R)."""
         lay = self.pool.layout
-        if self.kernels:
+        if self.kernels:  # launch parameters as the one-GPU op: the H200 sweep's
             return lora_shrink(x, pool_layer, meta, module, lay.chunk, lay.chunks_per_page,
-                               self.block_m, self.split_k)
+                               self.block_m)
         return lora_shrink_ref(x, pool_layer, meta, module, lay.chunk, lay.chunks_per_page)
 
     def _expand(self, s: torch.Tensor, y: torch.Tensor, pool_layer: torch.Tensor,
@@ -110,8 +110,8 @@ class TensorParallelLoraOp(LoraOp):
         if hit is not None and hit[0] is x:
             return hit[1]
         group = [m for m in SIBLINGS[module] if m in meta.modules]
-        local = torch.cat([self._shrink(x, pool_layer, meta.strided, m) for m in group],
-                          dim=1)  # [T, k·R'], rank p's rows p, p+N, ... of each A
+        # [T, k·R'], rank p's rows p, p+N, ... of each A: one fused shrink for the group.
+        local = self._shrink(x, pool_layer, meta.strided, tuple(group))
         t, r = x.shape[0], local.shape[1] // len(group)
         out = local.new_empty(self.world * t, local.shape[1])
         _all_gather(out, local, group=self.group)  # [N·T, k·R']
