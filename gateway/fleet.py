@@ -90,7 +90,13 @@ class Fleet:
         return [r for r in self.replicas.values() if r.healthy]
 
     def base_models(self) -> set[str]:
+        """Base models a replica in rotation serves (what /v1/models lists)."""
         return {r.model for r in self.healthy()}
+
+    def known_models(self) -> set[str]:
+        """Base models of every replica that ever reported, in rotation or not: a request for
+        one whose replicas are all down is a 503 to retry, not a 404."""
+        return {r.model for r in self.replicas.values() if r.model}
 
     def max_model_len(self) -> int:
         return max((r.max_model_len for r in self.healthy()), default=0)

@@ -148,7 +148,7 @@ class Proxy:
             if await self.store.authenticate(hash_key(key)) is None:
                 raise invalid_api_key() from None
             raise
-        adapter = None if shape.model in self.fleet.base_models() else shape.model
+        adapter = None if shape.model in self.fleet.known_models() else shape.model
         reserved = shape.reserved(self.fleet.max_model_len())
         ticket = Ticket("", next_request_id(), shape.model, reserved, shape.prompt_tokens)
         admission = await self.store.admit(hash_key(key), adapter, reserved, ticket.request_id)

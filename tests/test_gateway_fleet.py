@@ -366,6 +366,17 @@ def test_failover_when_a_replica_is_killed(fleet: Fleet) -> None:
             assert time.monotonic() < deadline, "a dead replica stayed in rotation"
             time.sleep(0.2)
         assert replicas[survivor_url]["healthy"]
+        # With every replica down the base model is still known: a 503 to retry, not a 404.
+        fleet.procs[survivor].kill()
+        deadline = time.monotonic() + 10
+        while any(r["healthy"] for r in httpx.get(
+                gateway + "/admin/v1/replicas",
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()):
+            assert time.monotonic() < deadline, "a dead replica stayed in rotation"
+            time.sleep(0.2)
+        with pytest.raises(openai.InternalServerError) as e:
+            c.completions.create(model=BASE, prompt="hi", max_tokens=2)
+        assert e.value.status_code == 503 and e.value.code == "no_replica_available"
     finally:
         proc.stop()
 
