@@ -10,29 +10,27 @@ from typing import Any
 
 import aiohttp
 
+from loraplane.operator.errors import ConditionError
 from loraplane.operator.plan import AgentInfo
 
 log = logging.getLogger("loraplane.operator.agents")
 
 
-class AgentRejected(Exception):
+class AgentError(ConditionError):
+    """A node agent's answer about an adapter; the message names the node."""
+
+    def __init__(self, node: str, reason: str, message: str) -> None:
+        super().__init__(reason, message)
+        self.args = (f"{node}: {message}",)
+        self.node = node
+
+
+class AgentRejected(AgentError):
     """An agent refused the adapter for good (HTTP 422): bad checksum, pickle, capacity..."""
 
-    def __init__(self, node: str, reason: str, message: str) -> None:
-        super().__init__(f"{node}: {message}")
-        self.node = node
-        self.reason = reason
-        self.message = message
 
-
-class AgentUnavailable(Exception):
+class AgentUnavailable(AgentError):
     """An agent did not answer, or could not reach S3 or its engines: retry later."""
-
-    def __init__(self, node: str, reason: str, message: str) -> None:
-        super().__init__(f"{node}: {message}")
-        self.node = node
-        self.reason = reason
-        self.message = message
 
 
 class AgentDirectory:

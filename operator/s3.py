@@ -18,17 +18,17 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from loraplane.operator.errors import ConditionError
+
 _URI = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(.*))?$")
 CHUNK = 1 << 20
 
 
-class SourceError(Exception):
-    """S3 refused or failed; reason is a CamelCase word for status conditions."""
+class SourceError(ConditionError):
+    """S3 refused or failed; transient failures are retried."""
 
     def __init__(self, reason: str, message: str, *, transient: bool) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+        super().__init__(reason, message)
         self.transient = transient
 
 

@@ -23,17 +23,13 @@ from loraplane.engine.adapter_format import (
 from loraplane.engine.config import ModelConfig
 from loraplane.engine.errors import InvalidAdapterError
 from loraplane.operator import s3
+from loraplane.operator.errors import ConditionError
 
 __all__ = ["AdapterFacts", "AdapterRejected", "check_header", "header_length", "verify"]
 
 
-class AdapterRejected(Exception):
-    """The adapter can never load as it is; reason is the condition reason a person sees."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+class AdapterRejected(ConditionError):
+    """The adapter can never load as it is."""
 
 
 @dataclass(frozen=True)
