@@ -17,14 +17,11 @@ from loraplane.engine.kernels.lora_expand import lora_expand, lora_expand_ref
 from loraplane.engine.kernels.lora_meta import LoraKernelMeta, build_meta
 from loraplane.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref
 from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment
+from loraplane.engine.lora.triton_op import GROUP_OF
 from loraplane.engine.memory_pool import DevicePool
 
 # torch 2.13 renamed all_gather_into_tensor (older versions have only that name).
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-
-# Column-parallel projections that read the same input in a layer.
-SIBLINGS = {m: group for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-            for m in group}
 
 
 @dataclass(frozen=True)
@@ -109,7 +106,7 @@ class TensorParallelLoraOp(LoraOp):
         hit = self._pending.pop((layer, module), None)
         if hit is not None and hit[0] is x:
             return hit[1]
-        group = [m for m in SIBLINGS[module] if m in meta.modules]
+        group = [m for m in GROUP_OF[module] if m in meta.modules]
         # [T, k·R'], rank p's rows p, p+N, ... of each A: one fused shrink for the group.
         local = self._shrink(x, pool_layer, meta.strided, tuple(group))
         t, r = x.shape[0], local.shape[1] // len(group)

@@ -15,7 +15,7 @@ from loraplane.engine.memory_pool import DevicePool
 # Projections that read the same input: one shrink launch serves the whole group.
 FUSED_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"),
                                              ("gate_proj", "up_proj"))
-_GROUP_OF = {m: g for g in FUSED_GROUPS for m in g}
+GROUP_OF = {m: g for g in FUSED_GROUPS for m in g}
 
 
 @dataclass
@@ -60,7 +60,7 @@ class TritonLoraOp(LoraOp):
                 batch: LoraBatch) -> torch.Tensor:
         """s [T, max_rank] of `module`: a column block of its group's shrink, run once per x."""
         lay = self.pool.layout
-        group = _GROUP_OF.get(module, (module,))
+        group = GROUP_OF.get(module, (module,))
         cached = self._shrunk
         # The model passes one tensor object to every projection of a group; identity (the
         # cache holds a reference, so the object cannot be recycled) tells that x is the same.
