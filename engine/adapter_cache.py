@@ -57,6 +57,9 @@ class Adapter:
     unloading: bool = False
     copy_event: torch.cuda.Event | None = None  # host->GPU copy not yet seen complete
     load: Load | None = None  # the way to the GPU in progress, until its first admission
+    # When the oldest request for it not admitted yet arrived (time.monotonic), for the load
+    # accounting's "waited in the queue".
+    requested_at: float | None = None
     error: InvalidAdapterError | None = None  # its weights failed to load: requests fail
 
     @property
@@ -202,9 +205,9 @@ class AdapterCache:
             self._dropping.remove(adapter)
             self._forget(adapter)
 
-    def admitted(self, adapter: Adapter, arrival: float | None = None) -> None:
-        """A request using the adapter (arrived at `arrival`, time.monotonic) was admitted:
-        close its load's accounting."""
+    def admitted(self, adapter: Adapter) -> None:
+        """A request using the adapter was admitted: close its load's accounting."""
+        arrival, adapter.requested_at = adapter.requested_at, None
         if adapter.load is not None and adapter.ready:
             self.stats.admitted(adapter.load, arrival)
             adapter.load = None
@@ -239,6 +242,8 @@ class AdapterCache:
         """A request for the adapter arrived: count it (popularity) and, prefetching, start
         moving the adapter up now rather than when the next step schedules."""
         now = time.monotonic()
+        if adapter.requested_at is None:
+            adapter.requested_at = now
         self.popularity.add(adapter, now)
         if self.prefetcher is not None:
             self.prefetcher.one(adapter, now, gpu=True)

@@ -226,9 +226,7 @@ class LLMEngine:
             return outputs
         for seq in batch.seqs:
             if seq.adapter is not None and seq.num_computed == 0:
-                # The tier accounting runs on time.monotonic; a test's fake clock is not it.
-                self.adapters.admitted(
-                    seq.adapter, seq.arrival if self.clock is time.monotonic else None)
+                self.adapters.admitted(seq.adapter)
         sampled, tokens, _ = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             seq.num_computed += n
