@@ -8,6 +8,9 @@
 #                      saturation with 0 and 1,000 adapters
 #   tp     (two H200): llama-2-13b S4, 100 adapters, TP 1 vs 2, and TP 2 without LoRA, eager;
 #                      `python bench/tp_bench.py --from-runs <their JSON>` summarizes them
+#   tpg    (two H200): TP graphs check (bench/tp_graph_check.py), then llama-2-13b S4, 100
+#                      adapters with CUDA graphs: TP 1, TP 2, TP 2 without LoRA, and TP 2 with
+#                      the LoRA op's collectives skipped (wrong outputs; measures their cost)
 #   x2     (two H200): tp, then the tier runs at saturation (GPU 0) beside the policy sweep
 #                      (GPU 1)
 part=${1:?part}; out=${2:?out dir}
@@ -31,6 +34,14 @@ tp)  # each run writes its JSON at once
     set -- $spec
     bench 100 --setting S4 --ranks 16 32 64 --num-adapters "$2" --tensor-parallel-size "$1" \
       --saturate --num-requests 150 --sets-per-rank 4 --no-cuda-graphs | tail -4
+  done ;;
+tpg)
+  timeout 150 python3 bench/tp_graph_check.py --tp 2 --out "$out" 2>&1 | grep -v -i warn | tail -6
+  for spec in "1 100" "2 100" "2 0" "2 100 skip"; do
+    set -- $spec
+    LORAPLANE_TP_SKIP_LORA_COLLECTIVES=$([ "$3" = skip ] && echo 1 || echo 0) \
+      bench 140 --setting S4 --ranks 16 32 64 --num-adapters "$2" --tensor-parallel-size "$1" \
+      --saturate --num-requests 150 --sets-per-rank 4 | tail -4
   done ;;
 x2)
   bash "$0" tp "$out"

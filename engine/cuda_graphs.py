@@ -11,14 +11,15 @@ rank-0 segment).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from loraplane.engine.attention import TritonAttention
 from loraplane.engine.config import LORA_MODULES, ModelConfig
 from loraplane.engine.decode_inputs import DecodeInputs
-from loraplane.engine.kernels.lora_meta import StaticMeta
 from loraplane.engine.lora.layers import LoraState
 from loraplane.engine.lora.ops import LoraBatch, LoraSegment
 from loraplane.engine.memory_pool import KV, DevicePool
@@ -27,13 +28,23 @@ from loraplane.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+GraphKey = tuple[int, int]  # (rows of the bucket, LoRA rank cap; 0: no LoRA)
+
+
+class GraphLoraMeta(Protocol):
+    """Fixed-size LoRA metadata a graph reads (the LoRA op's `static_meta`): `meta` is what
+    the op's `apply` gets in its batch, `fill` rewrites it in place for a step's segments."""
+
+    meta: Any
+
+    def fill(self, segments: list[LoraSegment]) -> Any: ...
 
 
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: DecodeInputs  # ids, positions, slots, lens, block tables
-    lora: StaticMeta | None
+    lora: GraphLoraMeta | None
     logits: torch.Tensor  # [B, vocab] float32
 
 
@@ -55,7 +66,10 @@ class DecodeGraphs:
         # Padding rows write their K/V here; the page is owned for the engine's life.
         self.scratch_slot = pool.pages.allocate(1, KV)[0] * self.block_size
         self.mempool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], _Graph] = {}  # (rows, rank cap; 0: no LoRA)
+        self.graphs: dict[GraphKey, _Graph] = {}
+        # Called with each key capture_all is about to capture (tensor parallelism: the workers
+        # must capture the same graph at the same time, meeting in its collectives).
+        self.announce: Callable[[GraphKey], None] | None = None
 
     def bucket(self, rows: int) -> int | None:
         return next((b for b in self.buckets if b >= rows), None)
@@ -76,8 +90,17 @@ class DecodeGraphs:
         for b in self.buckets:
             for cap in caps:
                 if (b, cap) not in self.graphs:
-                    self.graphs[(b, cap)] = self._capture(b, cap)
+                    if self.announce is not None:
+                        self.announce((b, cap))
+                    self.graph((b, cap))
         return len(self.graphs)
+
+    def graph(self, key: GraphKey) -> _Graph:
+        """The graph of `key`, captured now if it does not exist yet."""
+        g = self.graphs.get(key)
+        if g is None:
+            g = self.graphs[key] = self._capture(*key)
+        return g
 
     def _capture(self, rows: int, rank_cap: int) -> _Graph:
         dev = self.pool.data.device
@@ -117,27 +140,44 @@ class DecodeGraphs:
         log.info("captured a decode graph for %d rows (LoRA rank cap %d)", rows, rank_cap)
         return _Graph(graph, inputs, static, logits)
 
-    def run(self, seqs: list[Sequence], segments: list[LoraSegment]) -> torch.Tensor | None:
-        """Replay the graph of the smallest bucket that fits `seqs` (each decoding one token).
-
-        Returns logits [len(seqs), vocab], or None if no graph fits the step.
-        """
+    def plan(self, seqs: list[Sequence], segments: list[LoraSegment]) -> GraphKey | None:
+        """The key of the graph that serves a decode step of `seqs` (the smallest bucket that
+        fits, the rank class of its top rank), or None if no graph fits the step."""
         b = self.bucket(len(seqs))
         if b is None or any(len(s.block_table) > self.max_blocks for s in seqs):
             return None
-        # One graph per bucket and rank class.
         rank_cap = 0
         if segments:
             top = max(s.adapter.rank for s in segments)
             if top > self.max_rank:
                 return None
             rank_cap = self.rank_class(top)
-        key = (b, rank_cap)
-        g = self.graphs.get(key)
-        if g is None:
-            g = self.graphs[key] = self._capture(b, rank_cap)
+        return b, rank_cap
+
+    def run(self, seqs: list[Sequence], segments: list[LoraSegment],
+            key: GraphKey | None = None) -> torch.Tensor | None:
+        """Replay the graph that fits `seqs` (each decoding one token; `key`: from `plan`).
+
+        Returns logits [len(seqs), vocab], or None if no graph fits the step.
+        """
+        key = key or self.plan(seqs, segments)
+        if key is None:
+            return None
+        g = self.graph(key)
         g.inputs.fill(seqs)
+        return self._replay(g, segments)[:len(seqs)]
+
+    def run_rows(self, key: GraphKey, tokens: list[int], positions: list[int],
+                 tables: list[list[int]], segments: list[LoraSegment]) -> None:
+        """Replay graph `key` over rows given as token, position and block table (a
+        tensor-parallel worker's step: rank 0 planned it and samples from its own logits)."""
+        g = self.graph(key)
+        g.inputs.fill_rows(tokens, positions, tables)
+        self._replay(g, segments)
+
+    @staticmethod
+    def _replay(g: _Graph, segments: list[LoraSegment]) -> torch.Tensor:
         if g.lora is not None:
             g.lora.fill(segments)
         g.graph.replay()
-        return g.logits[:len(seqs)]
+        return g.logits

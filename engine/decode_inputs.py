@@ -69,19 +69,24 @@ class DecodeInputs:
         return self.host[_FIELDS * self.rows:].view(self.rows, self.max_blocks)
 
     def fill(self, seqs: list[Sequence]) -> None:
-        """Stage the rows of `seqs` (each decoding its next token) and copy them to the device.
+        """Stage the rows of `seqs` (each decoding its next token) and copy them to the device."""
+        pos = [s.num_computed for s in seqs]
+        self.fill_rows([s.token_at(p) for s, p in zip(seqs, pos, strict=True)], pos,
+                       [s.block_table for s in seqs])
+
+    def fill_rows(self, tokens: list[int], pos: list[int], tables: list[list[int]]) -> None:
+        """Stage rows given as their token, its position and the block table (a tensor-parallel
+        worker has these from rank 0's step message, not Sequences), and copy them to the device.
 
         The caller syncs on the step's sampled tokens before the next fill, so the previous copy
         out of the pinned buffer has finished when it is overwritten.
         """
-        n, bs, b = len(seqs), self.block_size, self.rows
+        n, bs, b = len(tokens), self.block_size, self.rows
         if n > b:
             raise ValueError(f"{n} rows do not fit a decode graph of {b} rows")
         pad = [0] * (b - n)
-        pos = [s.num_computed for s in seqs]
-        tables = [s.block_table for s in seqs]
         h = self._np
-        h[:b] = [s.token_at(p) for s, p in zip(seqs, pos, strict=True)] + pad
+        h[:b] = tokens + pad
         h[b:2 * b] = pos + pad
         h[2 * b:3 * b] = [t[p // bs] * bs + p % bs for t, p in zip(tables, pos, strict=True)] \
             + [self.scratch_slot] * (b - n)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from loraplane.engine.attention import SeqSlice, TorchAttention, TritonAttention
-from loraplane.engine.cuda_graphs import DecodeGraphs
+from loraplane.engine.cuda_graphs import DecodeGraphs, GraphKey
 from loraplane.engine.lora.layers import LoraState
 from loraplane.engine.lora.ops import LoraSegment
 from loraplane.engine.memory_pool import DevicePool
@@ -17,9 +17,10 @@ from loraplane.engine.scheduler import ScheduledBatch
 from loraplane.engine.sequence import Sequence
 
 AttentionBackend = type[TorchAttention] | type[TritonAttention]
-# Called with a step's token ids, sequence slices and LoRA segments just before the eager
-# forward (tensor parallelism sends them to the other ranks there).
-StepHook = Callable[[list[int], list[SeqSlice], list[LoraSegment]], None]
+# Called with a step's token ids, sequence slices, LoRA segments and the key of the decode graph
+# that runs it (None: eager) just before the forward (tensor parallelism sends them to the other
+# ranks there).
+StepHook = Callable[[list[int], list[SeqSlice], list[LoraSegment], GraphKey | None], None]
 
 
 def default_attention(device: torch.device) -> AttentionBackend:
@@ -55,24 +56,17 @@ class ModelRunner:
         nums = [batch.num_new[j] for j in order]
         segments = lora_segments(seqs, nums)
         if self.graphs is not None and all(n == 1 for n in nums):  # a pure decode step
-            logits = self.graphs.run(seqs, segments)
-            if logits is not None:
+            graph = self.graphs.plan(seqs, segments)
+            if graph is not None:
+                if self.before_forward is not None:
+                    ids, _, slices, _, _ = step_rows(seqs, nums)
+                    self.before_forward(ids, slices, segments, graph)
+                logits = self.graphs.run(seqs, segments, graph)
+                assert logits is not None
                 return seqs, sample(logits, seqs), logits
-        ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slices: list[SeqSlice] = []
-        sample_rows: list[int] = []
-        samplers: list[Sequence] = []
-        for seq, n in zip(seqs, nums, strict=True):
-            start, end, row = seq.num_computed, seq.num_computed + n, len(ids)
-            ids.extend(seq.ids_between(start, end))
-            positions.append(torch.arange(start, end))
-            slices.append(SeqSlice(row, n, end, seq.block_table))
-            if end == seq.num_tokens:
-                sample_rows.append(row + n - 1)
-                samplers.append(seq)
+        ids, positions, slices, sample_rows, samplers = step_rows(seqs, nums)
         if self.before_forward is not None:
-            self.before_forward(ids, slices, segments)
+            self.before_forward(ids, slices, segments, None)
         dev = self.device
         meta = self.attention.build(slices, self.block_size, dev)
         self.lora.batch = self.lora.op.prepare(segments)
@@ -85,6 +79,26 @@ class ModelRunner:
             return [], [], torch.empty(0)
         logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
         return samplers, sample(logits, samplers), logits
+
+
+def step_rows(seqs: list[Sequence], nums: list[int]) -> tuple[
+        list[int], list[torch.Tensor], list[SeqSlice], list[int], list[Sequence]]:
+    """The step's token ids, positions (one tensor per sequence), slices, the rows whose
+    logits are sampled, and their sequences (those whose step reaches their last token)."""
+    ids: list[int] = []
+    positions: list[torch.Tensor] = []
+    slices: list[SeqSlice] = []
+    sample_rows: list[int] = []
+    samplers: list[Sequence] = []
+    for seq, n in zip(seqs, nums, strict=True):
+        start, end, row = seq.num_computed, seq.num_computed + n, len(ids)
+        ids.extend(seq.ids_between(start, end))
+        positions.append(torch.arange(start, end))
+        slices.append(SeqSlice(row, n, end, seq.block_table))
+        if end == seq.num_tokens:
+            sample_rows.append(row + n - 1)
+            samplers.append(seq)
+    return ids, positions, slices, sample_rows, samplers
 
 
 def lora_segments(seqs: list[Sequence], nums: list[int]) -> list[LoraSegment]:

@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import gc
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 from loraplane.cli import add_policy_args, add_tier_args, policy_config, tier_config
 from loraplane.engine.bench.workload import SETTINGS, WorkloadSpec, adapter_ranks, make_trace
 from loraplane.engine.config import LORA_MODULES, EngineConfig
+from loraplane.engine.distributed.lora_op import SKIP_COLLECTIVES_ENV
 
 if TYPE_CHECKING:
     from loraplane.engine.outputs import EngineStats
@@ -247,7 +249,10 @@ def run(args: argparse.Namespace) -> int:
         "config": {
             "setting": args.setting, "model": model_spec,
             "tensor_parallel_size": args.tensor_parallel_size,
-            "cuda_graphs": not args.no_cuda_graphs and args.tensor_parallel_size == 1,
+            "cuda_graphs": not args.no_cuda_graphs,
+            # Benchmarks of the TP LoRA collectives' cost only: outputs are wrong when set.
+            "tp_skip_lora_collectives": args.tensor_parallel_size > 1
+            and os.environ.get(SKIP_COLLECTIVES_ENV) == "1",
             "dtype": str(dtype).removeprefix(
                 "torch."), "device": str(device), "ranks": list(ranks),
             "modules": list(args.modules), "num_adapters": args.num_adapters,

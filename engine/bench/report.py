@@ -99,7 +99,9 @@ def write(record: dict, out_dir: Path) -> Path:
             + ("-disk" if c.get("adapter_source") == "disk" else "")
             + ("" if c.get("prefetch", True) else "-noprefetch")
             + ("-peft" if c["baseline"] == "peft" else "")
-            + (f"-tp{c['tensor_parallel_size']}" if c.get("tensor_parallel_size", 1) > 1 else ""))
+            + (f"-tp{c['tensor_parallel_size']}" if c.get("tensor_parallel_size", 1) > 1 else "")
+            + ("-eager" if c.get("cuda_graphs") is False and "cuda" in c["device"] else "")
+            + ("-skip-lora-collectives" if c.get("tp_skip_lora_collectives") else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{base}.json"
     k = 2

@@ -14,7 +14,7 @@ import json
 import logging
 import weakref
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from loraplane.engine.adapter_source import AdapterSource
 from loraplane.engine.adapters import LoraWeights
 from loraplane.engine.attention import SeqSlice
 from loraplane.engine.config import EngineConfig, ModelConfig
+from loraplane.engine.cuda_graphs import GraphKey
 from loraplane.engine.distributed import protocol
 from loraplane.engine.distributed.group import (
     TPGroup,
@@ -98,13 +99,26 @@ class TensorParallelEngine(LLMEngine):
         self._by_id: dict[int, Adapter] = {}
         self._shards: weakref.WeakValueDictionary[tuple[str, int, int], LoraWeights] = \
             weakref.WeakValueDictionary()
-        # Graph capture of steps with collectives is not done yet: TP steps run eagerly.
-        super().__init__(parts, replace(engine_config, cuda_graphs=False),
+        # Decode steps replay CUDA graphs on every rank: rank 0 plans a step's graph and sends
+        # its key; each rank captures a graph the first time its key comes up, all ranks at the
+        # same step, so their captures meet in the same collectives.
+        super().__init__(parts, engine_config,
                          lambda pool: TensorParallelLoraOp(pool, tp.rank, tp.world, tp.compute,
                                                            lora_kernels))
         lora_inside_reduce(self.model)
+        graphs = self.runner.graphs
+        if graphs is not None:
+            # Padding rows of a graph write K/V into a scratch page: it must be the same page
+            # on every rank, or a worker's padding would overwrite a page rank 0 gave to KV.
+            slot = torch.tensor([graphs.scratch_slot, -graphs.scratch_slot], dtype=torch.int64)
+            dist.all_reduce(slot, op=dist.ReduceOp.MAX, group=tp.control)
+            if int(slot[0]) != -int(slot[1]):
+                raise RuntimeError("tensor-parallel ranks disagree on the decode graphs' "
+                                   "scratch page")
         if tp.rank == 0:
             self.runner.before_forward = self._send_step
+            if graphs is not None:
+                graphs.announce = self._send_capture
 
     # ---- both ---------------------------------------------------------------------------
 
@@ -142,8 +156,12 @@ class TensorParallelEngine(LLMEngine):
                          "can read")
         return info
 
-    def _send_step(self, ids: list[int], slices: list[SeqSlice],
-                   segments: list[LoraSegment]) -> None:
+    def _send_capture(self, key: GraphKey) -> None:
+        """Before rank 0 captures a graph ahead of use (warm-up): the workers capture it too."""
+        protocol.send(self.tp.control, protocol.CAPTURE, list(key), [])
+
+    def _send_step(self, ids: list[int], slices: list[SeqSlice], segments: list[LoraSegment],
+                   graph: GraphKey | None) -> None:
         """Before rank 0's forward: the step's inputs and the adapter pages workers must write."""
         evictions = self._stale()
         loads = []
@@ -154,7 +172,7 @@ class TensorParallelEngine(LLMEngine):
                 self._mirror[a.id] = list(a.pages)
                 loads.append((a.id, list(a.pages)))
         msg = protocol.StepMessage(ids, slices, [(s.start, s.end, s.adapter.id) for s in segments],
-                                   loads, evictions, self._take_dropped())
+                                   loads, evictions, self._take_dropped(), graph)
         protocol.send(self.tp.control, protocol.STEP, *protocol.encode_step(msg))
 
     def _stale(self) -> list[int]:
@@ -228,6 +246,10 @@ class TensorParallelEngine(LLMEngine):
                 name, path = protocol.decode_text(payload, 2)
                 protocol.gather_errors(self.tp.control, self.tp.world,
                                        self._register(fields[0], name, path))
+            elif kind == protocol.CAPTURE:
+                assert self.runner.graphs is not None, "rank 0 captures graphs this rank lacks"
+                with torch.inference_mode():
+                    self.runner.graphs.graph((fields[0], fields[1]))
             elif kind == protocol.REPORT:
                 rows = [[i, *self._row(a.pages)] for i, a in sorted(self._by_id.items())]
                 protocol.gather_rows(self.tp.control, self.tp.world, rows, 3)
@@ -286,11 +308,16 @@ class TensorParallelEngine(LLMEngine):
         if not msg.ids:
             return
         runner = self.runner
+        segments = [LoraSegment(start, end, self._by_id[i]) for start, end, i in msg.segments]
+        if msg.graph is not None:
+            assert runner.graphs is not None, "rank 0 replays graphs this rank lacks"
+            runner.graphs.run_rows(msg.graph, msg.ids, [s.context_len - 1 for s in msg.slices],
+                                   [s.block_table for s in msg.slices], segments)
+            return
         dev = runner.device
         positions = torch.cat([torch.arange(s.context_len - s.num_new, s.context_len)
                                for s in msg.slices])
         meta = runner.attention.build(msg.slices, runner.block_size, dev)
-        segments = [LoraSegment(start, end, self._by_id[i]) for start, end, i in msg.segments]
         self.lora.batch = self.lora.op.prepare(segments)
         try:
             self.model(torch.tensor(msg.ids).to(dev), positions.to(dev), self.pool, meta)

@@ -7,19 +7,26 @@ metadata and two small collectives on [tokens, rank] tensors differ.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from loraplane.engine.config import LORA_MODULES
 from loraplane.engine.distributed.sharding import ROW_PARALLEL, padded_rank
 from loraplane.engine.kernels.lora_expand import lora_expand, lora_expand_ref
-from loraplane.engine.kernels.lora_meta import LoraKernelMeta, build_meta
+from loraplane.engine.kernels.lora_meta import LoraKernelMeta, StaticMeta, StaticShape, build_meta
 from loraplane.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref
 from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment
 from loraplane.engine.lora.triton_op import GROUP_OF
 from loraplane.engine.memory_pool import DevicePool
 
+log = logging.getLogger(__name__)
+# Benchmarks only: skip the LoRA op's own collectives (the outputs are then WRONG) to measure what
+# they cost, as S-LoRA's evaluation did; never set when serving.
+SKIP_COLLECTIVES_ENV = "LORAPLANE_TP_SKIP_LORA_COLLECTIVES"
 # torch 2.13 renamed all_gather_into_tensor (older versions have only that name).
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
@@ -32,6 +39,23 @@ class ShardedMeta:
     full: LoraKernelMeta
     strided: LoraKernelMeta
     modules: frozenset[str]
+
+
+class ShardedStaticMeta:
+    """A decode graph's fixed-size ShardedMeta (both rank views), refilled before each replay;
+    every module counts as targeted so the graph always holds every collective."""
+
+    def __init__(self, full: StaticMeta, strided: StaticMeta, world: int) -> None:
+        self.full = full
+        self.strided = strided
+        self.world = world
+        self.meta = ShardedMeta(full.meta, strided.meta, frozenset(LORA_MODULES))
+
+    def fill(self, segments: list[LoraSegment]) -> ShardedMeta:
+        ranks = [padded_rank(s.adapter.rank, self.world) for s in segments]
+        self.full.fill(segments, ranks)
+        self.strided.fill(segments, [r // self.world for r in ranks])
+        return self.meta
 
 
 class TensorParallelLoraOp(LoraOp):
@@ -51,6 +75,25 @@ class TensorParallelLoraOp(LoraOp):
         self.kernels = pool.data.device.type == "cuda" if kernels is None else kernels
         # (layer, module) -> (its input, its gathered shrink [T, R'·N]) computed with a sibling.
         self._pending: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        # The kernels read fixed-size metadata, so steps can be captured in CUDA graphs.
+        self.graph_safe = self.kernels
+        self.skip_collectives = os.environ.get(SKIP_COLLECTIVES_ENV) == "1"
+        if self.skip_collectives:
+            log.warning("%s=1: the LoRA op skips its collectives; outputs are wrong (a "
+                        "benchmark of their cost only)", SKIP_COLLECTIVES_ENV)
+
+    def static_meta(self, rows: int, max_rank: int, chunks_per_rank: int) -> ShardedStaticMeta:
+        """Fixed-size metadata for a decode graph of `rows` rows and adapters of rank up to
+        `max_rank`. chunks_per_rank: pool chunks one rank row of a whole adapter takes on all
+        seven modules (a shard's padded rank rows take no more)."""
+        cap = padded_rank(max_rank, self.world)
+        pages = rows * self.pool.layout.pages_for_chunks(cap * chunks_per_rank)
+        dev = self.pool.data.device
+
+        def static(rank: int) -> StaticMeta:
+            return StaticMeta(StaticShape(tiles=rows, segs=rows + 1, pages=pages, max_rank=rank),
+                              self.block_m, dev)
+        return ShardedStaticMeta(static(cap), static(cap // self.world), self.world)
 
     def prepare(self, segments: list[LoraSegment]) -> LoraBatch:
         self._pending.clear()
@@ -91,7 +134,8 @@ class TensorParallelLoraOp(LoraOp):
         pool_layer = self.pool.data[layer]  # [num_pages, page_elems]
         if module in ROW_PARALLEL:
             s = self._shrink(x, pool_layer, meta.full, module)  # [T, R] partial sums
-            dist.all_reduce(s, group=self.group)
+            if not self.skip_collectives:
+                dist.all_reduce(s, group=self.group)
             width = y.shape[1] // self.world
             cols = y[:, self.rank * width:(self.rank + 1) * width]  # [T, out/N] view
             self._expand(s, cols, pool_layer, meta.full, module)
@@ -110,8 +154,11 @@ class TensorParallelLoraOp(LoraOp):
         # [T, k·R'], rank p's rows p, p+N, ... of each A: one fused shrink for the group.
         local = self._shrink(x, pool_layer, meta.strided, tuple(group))
         t, r = x.shape[0], local.shape[1] // len(group)
-        out = local.new_empty(self.world * t, local.shape[1])
-        _all_gather(out, local, group=self.group)  # [N·T, k·R']
+        if self.skip_collectives:  # the same shape, one copy instead of a gather
+            out = local.repeat(self.world, 1)
+        else:
+            out = local.new_empty(self.world * t, local.shape[1])
+            _all_gather(out, local, group=self.group)  # [N·T, k·R']
         # [N, T, k, R'] -> [k, T, R', N] -> [k, T, R'·N]: column j·N + p is x · A_pad[j·N + p]
         # for every row whatever its adapter's rank (a shard's columns past it are zero).
         full = out.view(self.world, t, len(group), r).permute(2, 1, 3, 0).reshape(

@@ -13,8 +13,8 @@ import torch.distributed as dist
 
 from loraplane.engine.attention import SeqSlice
 
-STEP, REGISTER, REPORT, SHUTDOWN = 1, 2, 3, 4
-HEADER = 8
+STEP, REGISTER, REPORT, SHUTDOWN, CAPTURE = 1, 2, 3, 4, 5
+HEADER = 10
 ERROR_BYTES = 512  # one rank's error text in replies gathered after a command
 
 
@@ -28,6 +28,8 @@ class StepMessage:
     loads: list[tuple[int, list[int]]] = field(default_factory=list)  # (adapter id, pages)
     evictions: list[int] = field(default_factory=list)  # adapters no longer in their pages
     drops: list[int] = field(default_factory=list)  # adapter ids gone on rank 0
+    # The decode graph (bucket rows, LoRA rank cap) that runs the step; None: an eager forward.
+    graph: tuple[int, int] | None = None
 
 
 def send(group: dist.ProcessGroup, kind: int, fields: list[int], payload: list[int]) -> None:
@@ -65,12 +67,12 @@ def encode_step(m: StepMessage) -> tuple[list[int], list[int]]:
         payload += [adapter_id, len(pages), *pages]
     payload += m.evictions + m.drops
     fields = [len(m.ids), len(m.slices), len(m.segments), len(m.loads), len(m.evictions),
-              len(m.drops)]
+              len(m.drops), *(m.graph or (0, 0))]
     return fields, payload
 
 
 def decode_step(fields: list[int], payload: list[int]) -> StepMessage:
-    n_ids, n_slices, n_segs, n_loads, n_evictions, n_drops = fields[:6]
+    n_ids, n_slices, n_segs, n_loads, n_evictions, n_drops, rows, cap = fields[:8]
     pos = n_ids
     heads = [payload[pos + 4 * i:pos + 4 * i + 4] for i in range(n_slices)]
     pos += 4 * n_slices
@@ -88,7 +90,8 @@ def decode_step(fields: list[int], payload: list[int]) -> StepMessage:
         pos += 2 + count
     evictions = payload[pos:pos + n_evictions]
     drops = payload[pos + n_evictions:pos + n_evictions + n_drops]
-    return StepMessage(payload[:n_ids], slices, segments, loads, evictions, drops)
+    return StepMessage(payload[:n_ids], slices, segments, loads, evictions, drops,
+                       (rows, cap) if rows else None)
 
 
 def encode_text(*parts: str) -> list[int]:

@@ -128,9 +128,11 @@ class StaticMeta:
         self.flat = self.host.to(device)
         self.meta = _views(self.flat, sizes, num_tiles, max_rank)
 
-    def fill(self, segments: list[LoraSegment]) -> LoraKernelMeta:
-        """Copy this step's segments into the buffers (asynchronously) and return their views."""
-        self._np[:] = _pack(segments, self.block_m, self.shape)[0]
+    def fill(self, segments: list[LoraSegment], ranks: list[int] | None = None) -> LoraKernelMeta:
+        """Copy this step's segments into the buffers (asynchronously) and return their views.
+
+        ranks: as in build_meta (the ranks the kernels use instead of the adapters' own)."""
+        self._np[:] = _pack(segments, self.block_m, self.shape, ranks)[0]
         self.flat.copy_(self.host, non_blocking=True)
         return self.meta
 
