@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import sys
 import tempfile
 from dataclasses import replace
@@ -66,6 +67,8 @@ def main() -> int:
                    help="share of output tokens allowed to differ from the one-GPU run")
     p.add_argument("--out", type=Path, help="folder for a JSON record")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if torch.cuda.device_count() < args.tp:
         print(f"needs {args.tp} GPUs, found {torch.cuda.device_count()}", file=sys.stderr)
         return 2
@@ -84,7 +87,7 @@ def main() -> int:
                                    for i in range(len(prompts))]
         runs = {(tp, g): run(tp, g, args.model, args.dtype, folders, prompts, names,
                              args.max_tokens)
-                for tp, g in ((1, True), (args.tp, True), (args.tp, False))}
+                for tp, g in ((1, True), (args.tp, False), (args.tp, True))}
     base = [t for row in runs[(1, True)] for t in row]
     rows, failed = [], False
     for (tp, g), out in runs.items():

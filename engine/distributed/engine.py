@@ -10,8 +10,10 @@ themselves when rank 0 registers them.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import threading
 import weakref
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -56,6 +58,7 @@ from loraplane.engine.models.loader import LoadedModel, load_model
 from loraplane.engine.outputs import AdapterInfo, RequestOutput
 
 log = logging.getLogger(__name__)
+DESTROY_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -231,8 +234,27 @@ class TensorParallelEngine(LLMEngine):
                 log.warning("could not reach the workers to shut them down; ending them")
                 self.monitor.terminate()
             self.monitor.stop()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.leave_group()
+
+    def leave_group(self) -> None:
+        """Free the decode graphs, then leave the process group (every rank, at the end).
+
+        Captured graphs hold NCCL work of the group's communicator: tearing it down while they
+        live hung on the H200s. The teardown gets DESTROY_TIMEOUT_S; past that the process
+        exit cleans up instead of the caller waiting forever."""
+        if self.runner.graphs is not None:
+            self.runner.graphs = None
+            gc.collect()
+            if self.tp.device.type == "cuda":
+                torch.cuda.synchronize(self.tp.device)
+        if not dist.is_initialized():
+            return
+        done = threading.Thread(target=dist.destroy_process_group, name="tp-leave", daemon=True)
+        done.start()
+        done.join(DESTROY_TIMEOUT_S)
+        if done.is_alive():
+            log.warning("the tensor-parallel process group did not shut down within %.0f s; "
+                        "leaving it to the process exit", DESTROY_TIMEOUT_S)
 
     # ---- workers ----------------------------------------------------------------------------
 
