@@ -36,12 +36,13 @@ tp)  # each run writes its JSON at once
       --saturate --num-requests 150 --sets-per-rank 4 --no-cuda-graphs | tail -4
   done ;;
 tpg)
-  timeout 150 python3 bench/tp_graph_check.py --tp 2 --out "$out" 2>&1 | grep -v -i warn | tail -6
-  for spec in "1 100" "2 100" "2 0" "2 100 skip"; do
-    set -- $spec
+  timeout 150 python3 bench/tp_graph_check.py --tp 2 --out "$out" 2>&1 \
+    | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
+  for spec in ${TPG_RUNS:-1:100 2:100 2:0 2:100:skip}; do  # TP size:adapters[:skip]
+    IFS=: read -r -a f <<< "$spec"; set -- "${f[@]}"
     LORAPLANE_TP_SKIP_LORA_COLLECTIVES=$([ "$3" = skip ] && echo 1 || echo 0) \
       bench 140 --setting S4 --ranks 16 32 64 --num-adapters "$2" --tensor-parallel-size "$1" \
-      --saturate --num-requests 150 --sets-per-rank 4 | tail -4
+      --saturate --num-requests 150 --sets-per-rank 4 | tail -3
   done ;;
 x2)
   bash "$0" tp "$out"
