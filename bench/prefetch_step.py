@@ -7,7 +7,9 @@ the pool about 100 besides the KV pages. The queue is kept at `--live` requests 
 refill it each step, adapter by popularity `--alpha`), each running request finishes after a
 random number of decode steps. Reported per step: microseconds in the cache's `prefetch`
 (the scheduler's call, `Prefetcher.run` included), in `acquire` (all admission calls of the
-step), in `note_request` (arrivals) and in the whole `schedule()`. Compare versions side by
+step), in `note_request` (arrivals), in `start_copy` (part of the first three: on the CPU the
+copy itself is synchronous, on CUDA it is queued on a side stream) and in the whole
+`schedule()`. Compare versions side by
 side in one session: absolute CPU times drift with load.
 """
 
@@ -84,8 +86,8 @@ def run(num_adapters: int, alpha: float, live: int, steps: int, seed: int) -> di
                        scheduling_policy="fcfs")
     sched = Scheduler(cfg, pool, cache)
     ads = [cache.add(f"a{i}", "", LoaderSource(sets[i % len(sets)])) for i in range(num_adapters)]
-    timers = {name: Timed(getattr(cache, name)) for name in ("prefetch", "acquire",
-                                                             "note_request")}
+    timers = {name: Timed(getattr(cache, name))
+              for name in ("prefetch", "acquire", "note_request", "start_copy")}
     for name, timer in timers.items():
         setattr(cache, name, timer)
     rng = random.Random(seed)
