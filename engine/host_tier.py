@@ -149,6 +149,8 @@ class HostTier(Generic[K]):
                 break
             if entry.ready and can_evict(victim):
                 self.drop(victim)
+        if self.free < nbytes:  # `can_evict` changed its mind between the two passes
+            return False
         entry = HostEntry(self._take(pages), nbytes)
         self._entries[key] = entry
         self.used += nbytes
