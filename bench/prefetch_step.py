@@ -71,7 +71,8 @@ class Timed:
             self.total += time.perf_counter() - t
 
 
-def run(num_adapters: int, alpha: float, live: int, steps: int, seed: int) -> dict[str, float]:
+def run(num_adapters: int, alpha: float, live: int, steps: int, seed: int,
+        step_s: float = 0.0) -> dict[str, float]:
     layout = PoolLayout.for_model(CONFIG, BLOCK_SIZE)
     sets = [weights(r, i) for i, r in enumerate(RANKS)]  # one weight set per rank, shared
     probe = AdapterCache(DevicePool(layout, 1, torch.float32, torch.device("cpu")), CONFIG)
@@ -110,6 +111,8 @@ def run(num_adapters: int, alpha: float, live: int, steps: int, seed: int) -> di
         t = time.perf_counter()
         batch = sched.schedule()
         t_sched += time.perf_counter() - t
+        # The model's forward on a GPU: the engine thread waits, loader threads run.
+        time.sleep(max(0.0, step_s - (time.perf_counter() - t)))
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             if seq.num_computed == 0 and seq.adapter is not None:
                 cache.admitted(seq.adapter)
@@ -140,13 +143,16 @@ def main() -> None:
     p.add_argument("--live", type=int, default=120, help="requests queued or running")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step-ms", type=float, default=0.0,
+                   help="pad each step to this long, as a GPU forward would (prefetch hits "
+                        "depend on time: popularity decays and retries wait in seconds)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
     torch.set_num_threads(1)
     results = {}
     for alpha in args.alpha:
         results[f"alpha={alpha:g}"] = r = run(args.num_adapters, alpha, args.live, args.steps,
-                                              args.seed)
+                                              args.seed, args.step_ms / 1e3)
         print(f"alpha {alpha:g}: " + ", ".join(f"{k} {v}" for k, v in r.items()))
     if args.out is not None:
         args.out.write_text(json.dumps({"benchmark": "bench/prefetch_step.py",
