@@ -13,10 +13,28 @@
 #                      the LoRA op's collectives skipped (wrong outputs; measures their cost)
 #   x2     (two H200): tp, then the tier runs at saturation (GPU 0) beside the policy sweep
 #                      (GPU 1)
+#   tiers2 (one H200, < 4.5 min): x2's tier runs alone: S2, 2,000 adapters from disk, 120
+#                      requests queued at once, alpha 1 and 0.3, prefetch on and off
+#   policy2 (one H200, < 4.5 min): early abort vs FCFS, cv 1/2/4/8, S2, 100 adapters, 240
+#                      requests at 30 req/s (about 3.5x the ~8.5 req/s S2 serves at
+#                      saturation: the queue grows by ~20 req/s while arrivals last, so later
+#                      requests wait past the 6 s SLO under FCFS); each replay starts with no
+#                      adapter on the GPU or in host RAM; the JSON is rewritten after each replay
+#                      (cv by cv, both policies), so a cut-short run keeps the pairs it finished
 part=${1:?part}; out=${2:?out dir}
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 bench() { timeout "$1" python3 -m loraplane.cli bench --device cuda --dtype bfloat16 \
   --log-level warning --out "$out" "${@:2}" 2>&1 | grep -v -i -e warn -e '%|'; }
+# The four tier runs at saturation (each about 40 s: adapter folders, 2,000 registrations,
+# engine build, 120 requests).
+tiers_sat() {
+  for alpha in 1 0.3; do
+    for pf in "" --no-prefetch; do
+      bench "$1" --setting S2 --num-adapters 2000 --alpha $alpha --adapter-source disk \
+        --host-cache-memory 16 --pool-memory 40 --saturate --num-requests 120 $pf
+    done
+  done
+}
 case $part in
 tiers)
   for alpha in 1 0.3; do
@@ -46,17 +64,15 @@ tpg)
   done ;;
 x2)
   bash "$0" tp "$out"
-  (export CUDA_VISIBLE_DEVICES=0
-   for alpha in 1 0.3; do
-     for pf in "" --no-prefetch; do
-       bench 60 --setting S2 --num-adapters 2000 --alpha $alpha --adapter-source disk \
-         --host-cache-memory 16 --pool-memory 40 --saturate --num-requests 120 $pf
-     done
-   done > /tmp/tiers.log 2>&1) &
+  (export CUDA_VISIBLE_DEVICES=0; tiers_sat 60 > /tmp/tiers.log 2>&1) &
   (export CUDA_VISIBLE_DEVICES=1
    bench 230 --setting S2 --num-adapters 100 --num-requests 120 --rate 20 \
      --scheduling-policy fcfs abort --cv-sweep 1 2 4 8 > /tmp/policy.log 2>&1) &
   wait
   grep -h -A9 '^system' /tmp/tiers.log /tmp/policy.log ;;
+tiers2) tiers_sat 65 ;;
+policy2)
+  bench 265 --setting S2 --num-adapters 100 --num-requests 240 --rate 30 \
+    --scheduling-policy fcfs abort --cv-sweep 1 2 4 8 ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac

@@ -1,13 +1,14 @@
 """Registered adapters and their three tiers with one accounting: source, host RAM, GPU pool.
 
 - source: the adapter's folder (or tensors in memory); registration reads only its header.
-- host: `HostTier`, pool-layout buffers (pinned on CUDA), LRU by bytes, loaded on worker threads.
+- host: `HostTier`, page-sized blocks of memory it owns (pinned on CUDA), LRU by bytes, loaded
+  on worker threads.
 - GPU: pages of the unified pool, pinned while requests run, evicted least recently used when
   idle and memory is needed. Host->GPU copies run on a side CUDA stream (after the work already
   queued on the compute stream, whose freed pages they may overwrite) with an event per adapter;
   `acquire` admits an adapter only once its event is done, so the compute stream never waits for
-  a copy (the request waits in the queue instead, while the batch runs). On CPU copies are
-  synchronous.
+  a copy (the request waits in the queue instead, while the batch runs). At most MAX_COPIES are
+  in flight, started in admission order. On CPU copies are synchronous.
 `prefetch` (policy in prefetch.py) moves adapters up ahead of admission; `acquire` never blocks
 on I/O: a miss starts what is needed and answers False, and the scheduler retries next step.
 """
@@ -33,7 +34,11 @@ from loraplane.engine.prefetch import DEMAND, PREFETCH, Load, Popularity, Prefet
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
-
+# Host->GPU copies in flight at most. Copies on one stream run one after another, so a copy's
+# wait is the sum of those queued before it: with a few in flight the adapter admission needs
+# next waits for at most a few others (an r64 llama-2-7b adapter, 128 MiB, takes ~3 ms over
+# PCIe 5), yet the copy engine never idles between two steps' worth of copies.
+MAX_COPIES = 3
 
 
 @dataclass(eq=False)
@@ -91,14 +96,15 @@ class AdapterCache:
         self.pool = pool
         self.config = config
         cuda = pool.data.device.type == "cuda"
-        self.host: HostTier[Adapter] = HostTier(host_cache_bytes, config, pool.data.dtype,
-                                                 pin=cuda, workers=load_workers)
+        self.host: HostTier[Adapter] = HostTier(host_cache_bytes, config, pool.layout,
+                                                 pool.data.dtype, pin=cuda, workers=load_workers)
         self.copy_stream = torch.cuda.Stream(pool.data.device) if cuda else None
         self.stats = TierStats()
         self.popularity: Popularity[Adapter] = Popularity()
         self._by_name: dict[str, Adapter] = {}
         self._dropping: list[Adapter] = []  # unregistered, waiting for running requests
-        self.resident_adapters: dict[Adapter, None] = {}  # holding pool pages (registered or not)
+        # Holding pool pages (registered or not), least recently used first.
+        self.resident_adapters: dict[Adapter, None] = {}
         self._copying: list[Adapter] = []
         # Unregistered adapters that acquire() loaded again for requests queued before.
         self._orphans: dict[Adapter, None] = {}
@@ -127,10 +133,6 @@ class AdapterCache:
             source = MemorySource(source)
         if name in self._by_name:
             raise AdapterExistsError(f"adapter {name!r} is already loaded", param="lora_name")
-        nbytes = self.host.nbytes(source.spec)
-        if nbytes > self.host.capacity:
-            raise InvalidAdapterError(f"adapter {name!r}: needs {nbytes} bytes of host memory, "
-                                      f"more than the host cache holds ({self.host.capacity})")
         offsets: dict[tuple[str, str], tuple[int, int]] = {}
         pos = 0
         chunk = self.pool.layout.chunk
@@ -138,6 +140,10 @@ class AdapterCache:
             offsets[(module, kind)] = (pos, elems // chunk)
             pos += elems // chunk
         adapter = Adapter(name, path, source, offsets, pos)
+        nbytes = self.host_bytes(adapter)
+        if nbytes > self.host.capacity:
+            raise InvalidAdapterError(f"adapter {name!r}: needs {nbytes} bytes of host memory, "
+                                      f"more than the host cache holds ({self.host.capacity})")
         self._by_name[name] = adapter
         return adapter
 
@@ -158,11 +164,19 @@ class AdapterCache:
         s = adapter.spec
         tier = "gpu" if adapter.ready else "host" if self.host.loaded(adapter) else "source"
         return AdapterInfo(adapter.name, adapter.path, s.rank, s.alpha, s.modules,
-                           self.host.nbytes(s), adapter.ready, tier)
+                           self.host_bytes(adapter), adapter.ready, tier)
 
     def size_in_pages(self, adapter: Adapter) -> int:
         """Pages the adapter occupies when resident."""
         return self.pool.layout.pages_for_chunks(adapter.num_chunks)
+
+    def host_bytes(self, adapter: Adapter) -> int:
+        """Bytes the adapter takes in host RAM (whole pages, as in the pool)."""
+        return self.host.nbytes(self.size_in_pages(adapter))
+
+    def can_copy(self) -> bool:
+        """Whether another host->GPU copy may start (fewer than MAX_COPIES in flight)."""
+        return len(self._copying) < MAX_COPIES
 
     def pages_needed(self, adapter: Adapter) -> int:
         """Pages loading it would take now (0 when already resident)."""
@@ -193,14 +207,14 @@ class AdapterCache:
             # already accepted and goes with its last user, as in remove().
             self._dropping.append(adapter)
         adapter.active += 1
-        adapter.last_used = now
+        self._used(adapter, now)
         return True
 
     def release(self, adapter: Adapter) -> None:
         """Unpin after a request ends; an unregistered adapter is dropped with its last user."""
         assert adapter.active > 0
         adapter.active -= 1
-        adapter.last_used = time.monotonic()
+        self._used(adapter, time.monotonic())
         if adapter.unloading and adapter.active == 0:
             self._dropping.remove(adapter)
             self._forget(adapter)
@@ -212,21 +226,36 @@ class AdapterCache:
             self.stats.admitted(adapter.load, arrival)
             adapter.load = None
 
+    def _used(self, adapter: Adapter, now: float) -> None:
+        adapter.last_used = now
+        if adapter in self.resident_adapters:  # keep the dict least recently used first
+            del self.resident_adapters[adapter]
+            self.resident_adapters[adapter] = None
+
     def make_room(self, pages: int) -> bool:
         """Evict idle resident adapters until `pages` are free: unregistered ones, then least
-        recently used ones, then the adapters the queue needs, needed last kept longest."""
-        if self.pool.pages.num_free >= pages:
+        recently used ones, then the adapters the queue needs, needed last kept longest (each
+        pass stops once enough is free: no sort of all resident adapters)."""
+        free = self.pool.pages
+        if free.num_free >= pages:
             return True
-
-        def order(a: Adapter) -> tuple[int, float]:
-            pos = self.upcoming.get(a)
-            return (1, -pos) if pos is not None else (0, a.last_used - a.unloading * 1e12)
-
-        for a in sorted((a for a in self.resident_adapters if a.active == 0), key=order):
-            if self.pool.pages.num_free >= pages:
-                break
-            self.evict(a)
-        return self.pool.pages.num_free >= pages
+        orphans = [a for a in self._orphans
+                   if a.active == 0 and a.resident and a not in self.upcoming]
+        lru = (a for a in list(self.resident_adapters)
+               if a.active == 0 and a not in self.upcoming)
+        for a in itertools.chain(orphans, lru):
+            if free.num_free >= pages:
+                return True
+            if a.resident:
+                self.evict(a)
+        if free.num_free < pages:
+            queued = sorted((a for a in self.upcoming if a.active == 0 and a.resident),
+                            key=lambda a: -self.upcoming[a])
+            for a in queued:
+                if free.num_free >= pages:
+                    break
+                self.evict(a)
+        return free.num_free >= pages
 
     def prefetch(self, upcoming: list[Adapter]) -> None:
         """Move the queue's next adapters (and popular ones) up the tiers; see prefetch.py."""
@@ -246,7 +275,7 @@ class AdapterCache:
             adapter.requested_at = now
         self.popularity.add(adapter, now)
         if self.prefetcher is not None:
-            self.prefetcher.one(adapter, now, gpu=True)
+            self.prefetcher.arrived(adapter, now)
 
     def poll(self) -> None:
         """Collect finished host loads and host->GPU copies."""
@@ -278,12 +307,12 @@ class AdapterCache:
 
     def _to_gpu(self, adapter: Adapter, origin: str) -> bool:
         """Demand path: host load or room + copy; True once the copy has started."""
-        if self.host.buffer(adapter) is None and (
+        if not self.host.loaded(adapter) and (
                 adapter in self.host
                 or not self.start_host_load(adapter, lambda a: not self.pinned(a))
                 or not self.host.loaded(adapter)):
             return False  # loading on a worker thread (or no room yet)
-        if not self.make_room(self.size_in_pages(adapter)):
+        if not self.can_copy() or not self.make_room(self.size_in_pages(adapter)):
             return False
         self.start_copy(adapter, origin)
         return True
@@ -291,7 +320,8 @@ class AdapterCache:
     def start_host_load(self, adapter: Adapter, can_evict: Callable[[Adapter], bool]) -> bool:
         """Start a source->host load evicting only what `can_evict` allows; False if no room."""
         try:
-            started = self.host.start(adapter, adapter.source, can_evict)
+            started = self.host.start(adapter, adapter.source, self.size_in_pages(adapter),
+                                      can_evict)
         except InvalidAdapterError as e:  # a non-blocking source failed at once
             adapter.error = e
             adapter.load = None
@@ -299,14 +329,14 @@ class AdapterCache:
             self.newly_failed.append(adapter)
             return False
         self.stats.host_loads += started
-        if started and adapter.load is not None and self.host.buffer(adapter) is not None:
+        if started and adapter.load is not None and self.host.loaded(adapter):
             adapter.load.read_s = self.host.read_seconds(adapter)
         return started
 
     def start_copy(self, adapter: Adapter, origin: str) -> None:
         """Allocate pages and copy the host buffer into them (side stream on CUDA)."""
-        buf = self.host.buffer(adapter)
-        assert buf is not None
+        runs = self.host.blocks(adapter)
+        assert runs is not None
         now = time.monotonic()
         if adapter.load is None:
             adapter.load = Load(origin, now)
@@ -314,12 +344,12 @@ class AdapterCache:
         adapter.load.copy_start = now
         pages = self.pool.pages.allocate(self.size_in_pages(adapter), ADAPTER)
         if self.copy_stream is None:
-            self.pool.write_pages(pages, buf)
+            self.pool.write_blocks(pages, runs)
         else:
             # After everything queued on the compute stream: it may still use these pages.
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.pool.data.device))
             with torch.cuda.stream(self.copy_stream):
-                self.pool.write_pages(pages, buf)
+                self.pool.write_blocks(pages, runs)
                 ev = torch.cuda.Event()
                 ev.record(self.copy_stream)
             adapter.copy_event = ev

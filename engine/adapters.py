@@ -77,14 +77,38 @@ class LoraWeights(LoraSpec):
             out.append((m, "bt", self.bt[m][0].numel()))
         return out
 
-    def flatten(self, config: ModelConfig, out: torch.Tensor | None = None) -> torch.Tensor:
-        """[num_layers, elems] in pool order, the layout the LoRA ops read back from the pool
-        (written into `out`, e.g. a pinned buffer, when given)."""
-        parts = [(self.a if kind == "a" else self.bt)[m].reshape(config.num_layers, -1)
-                 for m, kind, _ in self.segments(config)]
-        if out is None:
-            return torch.cat(parts, dim=1)
-        return torch.cat([p.to(out.dtype) for p in parts], dim=1, out=out)
+    def _parts(self, config: ModelConfig) -> list[torch.Tensor]:
+        """The segments in pool order, each [num_layers, elems of the segment] (views)."""
+        return [(self.a if kind == "a" else self.bt)[m].reshape(config.num_layers, -1)
+                for m, kind, _ in self.segments(config)]
+
+    def flatten(self, config: ModelConfig) -> torch.Tensor:
+        """[num_layers, elems] in pool order, the layout the LoRA ops read back from the pool."""
+        return torch.cat(self._parts(config), dim=1)
+
+    def write_pages(self, config: ModelConfig, pages: list[torch.Tensor]) -> None:
+        """Lay `flatten`'s layout out over page buffers, each [num_layers, page_elems] (page k
+        takes columns [k * page_elems, (k + 1) * page_elems)), converting the dtype, with one
+        copy per piece of a segment on a page and the last page's tail zeroed: no
+        intermediate tensor."""
+        parts = self._parts(config)
+        pe = pages[0].shape[1]
+        total = sum(p.shape[1] for p in parts)
+        if len(pages) != -(-total // pe):
+            raise ValueError(f"{total} elements per layer need {-(-total // pe)} pages, "
+                             f"not {len(pages)}")
+        k = col = 0  # the page being filled and its first free column
+        for part in parts:
+            src = 0
+            while src < part.shape[1]:
+                n = min(part.shape[1] - src, pe - col)
+                pages[k][:, col:col + n].copy_(part[:, src:src + n])
+                src += n
+                col += n
+                if col == pe:
+                    k, col = k + 1, 0
+        if col:
+            pages[k][:, col:].zero_()
 
 
 def _read_config(folder: Path, name: str) -> dict:

@@ -166,5 +166,32 @@ class DevicePool:
                              device=self.data.device)
         padded[:, :n] = flat.to(device=self.data.device, dtype=self.data.dtype,
                                 non_blocking=True)
-        idx = self.to_device(torch.tensor(pages))
-        self.data[:, idx] = padded.view(flat.shape[0], len(pages), pe)
+        self._scatter(pages, padded.view(flat.shape[0], len(pages), pe))
+
+    def write_blocks(self, pages: list[int], runs: list[torch.Tensor]) -> None:
+        """Copy host page buffers into the given pages: `runs` in page order, each [n,
+        num_layers, page_elems] (the host tier's consecutive blocks), n summing to len(pages);
+        on the current stream, asynchronously from pinned memory. On CUDA each run is one
+        contiguous transfer into a staging buffer on the device (a pool page is strided across
+        layers, so it cannot be a transfer's destination), then one scatter into the pages."""
+        if self.data.device.type != "cuda":
+            k = 0
+            for run in runs:
+                self._scatter(pages[k:k + len(run)], run.transpose(0, 1))
+                k += len(run)
+            return
+        lay = self.layout
+        # [pages, num_layers, page_elems]
+        staging = torch.empty(len(pages), lay.num_layers, lay.page_elems_per_layer,
+                              dtype=self.data.dtype, device=self.data.device)
+        k = 0
+        for run in runs:
+            staging[k:k + len(run)].copy_(run, non_blocking=True)
+            k += len(run)
+        assert k == len(pages), f"{k} blocks for {len(pages)} pages"
+        self._scatter(pages, staging.transpose(0, 1))
+
+    def _scatter(self, pages: list[int], src: torch.Tensor) -> None:
+        """data[:, pages] = src, src [num_layers, len(pages), page_elems] on this device or
+        (CPU) on the host."""
+        self.data.index_copy_(1, self.to_device(torch.tensor(pages)), src)

@@ -3,15 +3,24 @@
 Inputs: the waiting queue's adapters in admission order (`upcoming`, from the scheduler each step)
 and recent popularity (an exponentially decayed request count per adapter, half-life
 `HALF_LIFE_S`). Each step the prefetcher
-1. starts host->GPU copies for upcoming adapters already in host RAM, first ones first, into free
-   pool pages beyond a headroom kept for KV growth, or into pages of idle adapters it may evict;
-2. starts source->host loads for upcoming adapters not in host RAM, then for the most popular
-   ones, within a cap of loads in flight.
+1. starts host->GPU copies for the first GPU_AHEAD upcoming adapters already in host RAM, first
+   ones first, while fewer than the cache's MAX_COPIES are in flight, into free pool pages beyond
+   a headroom kept for KV growth, or into pages of idle adapters it may evict; adapters further
+   back would only take pages (and copy time) long before admission can use them;
+2. starts source->host loads for upcoming adapters not in host RAM, then for popular ones
+   (requested again recently), within a cap of loads in flight.
 Never thrash: a prefetch evicts (from the GPU or from host RAM) only idle adapters that are
 neither in `upcoming` nor more than 1/HYSTERESIS as popular as the adapter it makes room for
 (so near-equal popularity, e.g. uniform traffic, never churns); adapters pinned by running
 requests or being copied are never evicted. Demand loads (`acquire`) follow plain LRU,
 with upcoming adapters evicted last.
+
+Cost per step: a bounded loop over `upcoming` and no scan of all adapters. Looking for
+eviction victims walks the resident (or host) adapters least recently used first; when that
+finds no room it is not tried again (for that tier) until room grows or RETRY_S passes
+(popularity, which decides what may go, changes on the scale of HALF_LIFE_S). The popular
+pass looks only at adapters requested at least REPEAT_SCORE times recently, a set `Popularity`
+keeps as requests arrive.
 
 Accounting (`TierStats`), per load: a load is the chain that brings an adapter to the GPU (its
 source->host read if it was not in host RAM, then its host->GPU copy). Its *load time* is the
@@ -33,7 +42,6 @@ Later requests for the same adapter while it stays resident count in neither.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Hashable
@@ -44,6 +52,12 @@ if TYPE_CHECKING:
     from loraplane.engine.adapter_cache import Adapter, AdapterCache
 
 HALF_LIFE_S = 30.0
+# Upcoming adapters (in admission order) the prefetcher may copy to the GPU: admission takes the
+# queue's first requests as batch places free, a few a step, and a copy takes milliseconds;
+# copies for later ones would hold pool pages for seconds and risk eviction before use.
+GPU_AHEAD = 8
+# A prefetch that found no room in a tier retries eviction after this long (or once room grows).
+RETRY_S = 0.2
 # Pool pages a GPU prefetch leaves free for KV growth: 1/HEADROOM_DIV of the pool.
 HEADROOM_DIV = 16
 POPULAR_EVERY_S = 0.2  # how often the popularity pass runs
@@ -135,15 +149,21 @@ class TierStats:
 
 
 class Popularity(Generic[K]):
-    """Exponentially decayed request counts: each request adds 1, halving every HALF_LIFE_S."""
+    """Exponentially decayed request counts: each request adds 1, halving every HALF_LIFE_S;
+    keys whose count reached `hot` are also kept apart (few, under any traffic)."""
 
-    def __init__(self, half_life_s: float = HALF_LIFE_S) -> None:
+    def __init__(self, half_life_s: float = HALF_LIFE_S, hot: float = REPEAT_SCORE) -> None:
         self.rate = math.log(2) / half_life_s
+        self.hot_score = hot
         self._score: dict[K, tuple[float, float]] = {}  # key -> (score, at time)
+        self._hot: dict[K, None] = {}
 
     def add(self, key: K, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        self._score[key] = (self.of(key, now) + 1.0, now)
+        score = self.of(key, now) + 1.0
+        self._score[key] = (score, now)
+        if score >= self.hot_score:
+            self._hot[key] = None
 
     def of(self, key: K, now: float | None = None) -> float:
         score, at = self._score.get(key, (0.0, 0.0))
@@ -154,16 +174,18 @@ class Popularity(Generic[K]):
 
     def forget(self, key: K) -> None:
         self._score.pop(key, None)
+        self._hot.pop(key, None)
 
-    def top(self, n: int, now: float | None = None) -> list[K]:
-        """The n most popular keys, most popular first; drops keys decayed to nothing."""
+    def hot(self, now: float | None = None) -> list[K]:
+        """Keys with a count of at least `hot` now, most popular first (the others leave the
+        hot set)."""
         now = time.monotonic() if now is None else now
-        scored = [(self.of(k, now), k) for k in self._score]
-        for s, k in scored:
-            if s < 1e-3:
-                del self._score[k]
+        scored = [(self.of(k, now), k) for k in self._hot]
+        for score, k in scored:
+            if score < self.hot_score:
+                del self._hot[k]
         scored.sort(key=lambda sk: -sk[0])
-        return [k for s, k in scored[:n] if s >= 1e-3]
+        return [k for score, k in scored if score >= self.hot_score]
 
 
 class Prefetcher:
@@ -172,77 +194,108 @@ class Prefetcher:
     def __init__(self, cache: AdapterCache) -> None:
         self.cache = cache
         self._next_popular = 0.0
+        # Per tier ("host", "gpu"): (free bytes or pages, time) when eviction last found no room.
+        self._full: dict[str, tuple[int, float]] = {}
 
     def run(self, upcoming: list[Adapter]) -> None:
         """One step: the queue's adapters in admission order, then now and then popular ones."""
         now = time.monotonic()
+        host = self.cache.host
         gpu = True
-        for a in upcoming:
+        for i, a in enumerate(upcoming):
+            if i >= GPU_AHEAD and (host.num_loading >= host.max_loading
+                                   or self._blocked("host", host.free, now)):
+                break  # no host load can start this step
             # Once one does not fit, later ones do not jump ahead of it (admission order).
-            gpu = self.one(a, now, gpu)
+            gpu = self.one(a, now, gpu and i < GPU_AHEAD)
         if now < self._next_popular:
             return
         self._next_popular = now + POPULAR_EVERY_S
-        host = self.cache.host
-        for a in self.cache.popularity.top(host.capacity // max(1, self._mean_bytes()), now):
-            if host.num_loading >= host.max_loading \
-                    or self.cache.popularity.of(a, now) < REPEAT_SCORE:
-                break  # most popular first: the rest were not requested again either
+        room = host.capacity
+        for a in self.cache.popularity.hot(now):
+            room -= self.cache.host_bytes(a)
+            if room < 0 or host.num_loading >= host.max_loading:
+                break  # the most popular that fit in host RAM
             if a.error is None and not a.unloading and a not in host:
                 self._to_host(a, now)
+
+    def arrived(self, adapter: Adapter, now: float) -> None:
+        """A request arrived: move its adapter up now, to the GPU only if the queue is short
+        (the request is at its end)."""
+        self.one(adapter, now, len(self.cache.upcoming) < GPU_AHEAD)
 
     def one(self, adapter: Adapter, now: float, gpu: bool) -> bool:
         """Start the next move up for one adapter (a GPU copy only if `gpu`); returns whether
         a later adapter may still start a GPU copy."""
+        cache = self.cache
         if adapter.error is not None or adapter.unloading or adapter.resident:
             return gpu
-        if self.cache.host.buffer(adapter) is None:
+        if not cache.host.loaded(adapter):
             self._to_host(adapter, now)
             return gpu
-        if gpu and self._gpu_room(adapter, now):
-            self.cache.start_copy(adapter, PREFETCH)
+        cache.host.touch(adapter)  # needed soon: last in line for host eviction
+        if gpu and cache.can_copy() and self._gpu_room(adapter, now):
+            cache.start_copy(adapter, PREFETCH)
             return True
         return False
+
+    def _blocked(self, tier: str, free: int, now: float) -> bool:
+        """Eviction found no room in `tier` recently and nothing was freed since."""
+        full = self._full.get(tier)
+        if full is None:
+            return False
+        if free > full[0] or now - full[1] >= RETRY_S:
+            del self._full[tier]
+            return False
+        return True
 
     def _to_host(self, adapter: Adapter, now: float) -> None:
         """Start a source->host load that evicts only idle, unneeded, less popular adapters."""
         cache = self.cache
-        if adapter in cache.host or cache.host.num_loading >= cache.host.max_loading:
+        host = cache.host
+        if adapter in host or host.num_loading >= host.max_loading:
+            return
+        nbytes = cache.host_bytes(adapter)
+        if host.free < nbytes and self._blocked("host", host.free, now):
             return
         pop = cache.popularity.of(adapter, now)
 
         def can_evict(v: Adapter) -> bool:
-            return (not cache.pinned(v) and v not in cache.upcoming and not v.resident
+            return (not v.resident and not cache.pinned(v) and v not in cache.upcoming
                     and cache.popularity.of(v, now) * HYSTERESIS < pop)
 
         fresh = adapter.load is None
         if fresh:
             adapter.load = Load(PREFETCH, now)
-        if not cache.start_host_load(adapter, can_evict) and fresh:
+        started = cache.start_host_load(adapter, can_evict)
+        if not started and fresh:
             adapter.load = None
+        if not started and adapter.error is None:
+            self._full["host"] = (host.free, now)
 
     def _gpu_room(self, adapter: Adapter, now: float) -> bool:
         """Free pages for a prefetch beyond the KV headroom, evicting only idle adapters that
-        are neither upcoming nor at least as popular."""
+        are neither upcoming nor at least as popular, least recently used first."""
         cache = self.cache
         pages = cache.pool.pages
         need = cache.size_in_pages(adapter) + max(1, pages.num_pages // HEADROOM_DIV)
         if pages.num_free >= need:
             return True
+        if self._blocked("gpu", pages.num_free, now):
+            return False
         pop = cache.popularity.of(adapter, now)
-        victims = sorted((v for v in cache.resident_adapters
-                          if v.active == 0 and v.copy_event is None and v not in cache.upcoming
-                          and cache.popularity.of(v, now) * HYSTERESIS < pop),
-                         key=lambda v: v.last_used)
-        if pages.num_free + sum(len(v.pages or ()) for v in victims) < need:
+        victims = []
+        free = pages.num_free
+        for v in cache.resident_adapters:  # least recently used first
+            if free >= need:
+                break
+            if (v.active == 0 and v.copy_event is None and v not in cache.upcoming
+                    and cache.popularity.of(v, now) * HYSTERESIS < pop):
+                victims.append(v)
+                free += len(v.pages or ())
+        if free < need:
+            self._full["gpu"] = (pages.num_free, now)
             return False
         for v in victims:
-            if pages.num_free >= need:
-                break
             cache.evict(v)
         return True
-
-    def _mean_bytes(self) -> int:
-        """Host bytes of a typical registered adapter (a sample), to size the popular list."""
-        sample = list(itertools.islice(self.cache.all(), 64))
-        return sum(self.cache.host.nbytes(a.spec) for a in sample) // len(sample) if sample else 1

@@ -68,7 +68,7 @@ def test_source_host_gpu_and_back(tmp_path: Path) -> None:
     assert a.load is not None and a.load.origin == "demand"
     while cache.host.loading(a):
         cache.wait(0.05)
-    assert tier(cache, a) == "host" and cache.host.used == cache.host.nbytes(a.spec)
+    assert tier(cache, a) == "host" and cache.host.used == cache.host_bytes(a)
     assert cache.acquire(a)  # CPU: the copy is synchronous
     assert tier(cache, a) == "gpu" and a.active == 1
     cache.admitted(a)
@@ -85,8 +85,8 @@ def test_host_lru_by_bytes(tmp_path: Path) -> None:
     small = source(folder(tmp_path, "s", rank=2), "s")
     big = source(folder(tmp_path, "b", rank=8), "b")
     probe = cache_of()
-    unit = probe.host.nbytes(small.spec)
-    assert probe.host.nbytes(big.spec) == 4 * unit
+    unit = probe.host_bytes(probe.add("s", "", small))
+    assert probe.host_bytes(probe.add("b", "", big)) == 4 * unit
     cache = cache_of(host_bytes=8 * unit)
     ads = {n: cache.add(n, "", small if n.startswith("s") else big)
            for n in ("s1", "s2", "b1", "b2", "b3")}
@@ -97,7 +97,7 @@ def test_host_lru_by_bytes(tmp_path: Path) -> None:
     for n in ("s1", "s2", "b1"):
         to_host(cache, ads[n])
     assert cache.host.used == 6 * unit
-    assert cache.host.buffer(ads["s1"]) is not None  # a use: s1 is now the most recent
+    assert cache.host.blocks(ads["s1"]) is not None  # a use: s1 is now the most recent
     # b2 needs 2 more units: the least recently used go first until it fits: s2, then b1.
     to_host(cache, ads["b2"])
     assert on_host() == ["s1", "b2"] and cache.host.used == 5 * unit
@@ -246,8 +246,8 @@ def test_ten_thousand_registrations_hold_no_tensors(tmp_path: Path) -> None:
     # Any of them still serves.
     seq = engine.generate([[3, 4, 5]], GREEDY, ["n09999"])[0]
     assert len(seq.output_ids) == GREEDY.max_tokens
-    assert engine.stats().host_cache_bytes_used == engine.adapters.host.nbytes(
-        engine.adapters.get("n09999").spec)
+    assert engine.stats().host_cache_bytes_used == engine.adapters.host_bytes(
+        engine.adapters.get("n09999"))
 
 
 def test_adapter_larger_than_the_host_cache_is_refused(tmp_path: Path) -> None:

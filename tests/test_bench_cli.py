@@ -92,7 +92,7 @@ def test_policy_and_cv_sweep_in_one_run(results: dict[str, dict]) -> None:
     rec = results["sweep"]
     c = rec["config"]
     assert c["scheduling_policies"] == ["fcfs", "abort"] and c["cv_sweep"] == [1.0, 4.0]
-    assert list(rec["results"]) == ["fcfs cv=1", "fcfs cv=4", "abort cv=1", "abort cv=4"]
+    assert list(rec["results"]) == ["fcfs cv=1", "abort cv=1", "fcfs cv=4", "abort cv=4"]
     for r in rec["results"].values():
         _check_summary(r, 12)  # nothing is refused when every request makes the SLO
         assert r["num_refused"] == 0 and r["aborted_share"] == 0.0

@@ -54,14 +54,15 @@ MAX_TOKENS = 32
 ADAPTER_NAMES = ("a0", "a1", "a2", "a3")
 ENGINE = EngineConfig(block_size=BLOCK_SIZE, max_num_seqs=6, max_num_batched_tokens=16)
 LAYOUT = PoolLayout.for_model(CONFIG, BLOCK_SIZE)
-# Host bytes of the largest adapter (rank MAX_RANK on every module, float32), twice.
-HOST_BYTES = 2 * CONFIG.num_layers * MAX_RANK * sum(
-    sum(CONFIG.module_shape(m)) for m in LORA_MODULES) * 4
 
 
 def adapter_pages(rank: int, modules: tuple[str, ...]) -> int:
     elems = sum(rank * sum(CONFIG.module_shape(m)) for m in modules)
     return LAYOUT.pages_for_chunks(elems // LAYOUT.chunk)
+
+
+# Host bytes of the largest adapter (rank MAX_RANK on every module, float32, whole pages), twice.
+HOST_BYTES = 2 * adapter_pages(MAX_RANK, LORA_MODULES) * LAYOUT.page_bytes(torch.float32)
 
 
 # Every request fits the pool alone (largest adapter + its KV), which is what rules out starvation.

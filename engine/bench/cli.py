@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loraplane.cli import add_policy_args, add_tier_args, policy_config, tier_config
 from loraplane.engine.bench.workload import SETTINGS, WorkloadSpec, adapter_ranks, make_trace
@@ -139,12 +139,10 @@ def tier_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by the arguments; prints a table and writes JSON."""
     # torch and the engine load here, not when `loraplane` builds its argument parsers.
-    import numpy as np
     import torch
 
     from loraplane.engine.bench import report
     from loraplane.engine.bench.adapters import (
-        ADAPTER_STORAGE,
         WeightSets,
         register,
         register_folders,
@@ -189,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         sets = WeightSets(model_cfg, ranks_of, tuple(args.modules), args.sets_per_rank,
                           args.seed, dtype, device)
     results: dict[str, dict] = {}
+    path: Path | None = None
     with contextlib.ExitStack() as stack:
         names: list[str] = []
         if sets is not None and (args.adapter_source == "disk" or args.tensor_parallel_size > 1):
@@ -204,7 +203,11 @@ def run(args: argparse.Namespace) -> int:
             names = register(engine, sets, ranks_of)
         adapters_s = time.monotonic() - t
         warm_up(engine, sets, args.seed)
-        runs = [(policy, cv) for policy in args.scheduling_policy for cv in cvs]
+        stats = engine.stats()
+        pool_gib = stats.pool_pages_total * stats.page_bytes / 2**30
+        # cv by cv, each under every policy: a run cut short by a time limit still compares the
+        # policies on the cvs it finished (the JSON is rewritten after each replay).
+        runs = [(policy, cv) for cv in cvs for policy in args.scheduling_policy]
         for policy, cv in runs:
             # Each run starts from the same state: the policy's own, and no adapter on the GPU
             # or in host RAM.
@@ -223,8 +226,10 @@ def run(args: argparse.Namespace) -> int:
                 "adapters_resident_at_end": stats.adapters_resident,
                 "adapters_host_at_end": stats.adapters_host,
                 "pool_pages": stats.pool_pages_total, "page_bytes": stats.page_bytes}
+            path = report.write(record_of(args, cfg, model_spec, dtype, device, ranks, sets,
+                                          pool_gib, trace, build_s, adapters_s, results),
+                                args.out, path)
         close_engine(engine)
-    pool_gib = stats.pool_pages_total * stats.page_bytes / 2**30
 
     if args.baseline == "peft":
         from loraplane.engine.bench.peft_baseline import load_peft, run_peft
@@ -240,7 +245,33 @@ def run(args: argparse.Namespace) -> int:
                            vocab_size=model_cfg.vocab_size, device=device)
         results["peft"] = summarize(records, args.slo_first_token)
 
-    record = {
+    record = record_of(args, cfg, model_spec, dtype, device, ranks, sets, pool_gib, trace,
+                       build_s, adapters_s, results)
+    if "peft" in results and results["peft"].get("output_tokens_per_s"):
+        ours, peft = results["loraplane"], results["peft"]
+        record["ratios"] = {
+            "req_per_s_vs_peft": round(ours["req_per_s"] / peft["req_per_s"], 2),
+            "output_tokens_per_s_vs_peft": round(
+                ours["output_tokens_per_s"] / peft["output_tokens_per_s"], 2)}
+    path = report.write(record, args.out, path)
+    print(report.header(record))
+    print(report.table(results))
+    if "ratios" in record:
+        print("loraplane / PEFT: " + ", ".join(f"{k} {v}x" for k, v in record["ratios"].items()))
+    print(f"-> {path}")
+    return 0
+
+
+def record_of(args: argparse.Namespace, cfg: EngineConfig, model_spec: str, dtype: Any,
+              device: Any, ranks: tuple[int, ...], sets: Any, pool_gib: float, trace: list[Any],
+              build_s: float, adapters_s: float, results: dict[str, dict]) -> dict:
+    """The JSON record of a run: machine, versions, command, configuration, trace, results."""
+    import numpy as np
+
+    from loraplane.engine.bench import report
+    from loraplane.engine.bench.adapters import ADAPTER_STORAGE
+
+    return {
         "benchmark": "loraplane bench",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": report.machine(device),
@@ -284,16 +315,3 @@ def run(args: argparse.Namespace) -> int:
         "setup_s": {"engine_build": round(build_s, 2), "adapters": round(adapters_s, 2)},
         "results": results,
     }
-    if "peft" in results and results["peft"].get("output_tokens_per_s"):
-        ours, peft = results["loraplane"], results["peft"]
-        record["ratios"] = {
-            "req_per_s_vs_peft": round(ours["req_per_s"] / peft["req_per_s"], 2),
-            "output_tokens_per_s_vs_peft": round(
-                ours["output_tokens_per_s"] / peft["output_tokens_per_s"], 2)}
-    path = report.write(record, args.out)
-    print(report.header(record))
-    print(report.table(results))
-    if "ratios" in record:
-        print("loraplane / PEFT: " + ", ".join(f"{k} {v}x" for k, v in record["ratios"].items()))
-    print(f"-> {path}")
-    return 0

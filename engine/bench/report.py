@@ -84,8 +84,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def write(record: dict, out_dir: Path) -> Path:
-    """Write the record as JSON named with date, machine, setting and run shape; never overwrite."""
+def write(record: dict, out_dir: Path, path: Path | None = None) -> Path:
+    """Write the record as JSON named with date, machine, setting and run shape; never overwrite
+    another run's file (`path`: this run's file, written before, rewritten)."""
+    if path is not None:
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        return path
     m = record["machine"]
     c = record["config"]
     mode = "sat" if c["saturate"] else f"rate{c['rate']:g}"
