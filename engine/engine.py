@@ -99,9 +99,12 @@ class LLMEngine:
             self.pool, parts.config, host_cache_bytes=engine_config.host_cache_bytes,
             prefetch=engine_config.prefetch, load_workers=engine_config.adapter_load_workers)
         if device.type == "cuda":
+            from loraplane.engine.models.fused_layers import use_fused_layers
             from loraplane.engine.models.triton_layers import use_triton_layers
 
             use_triton_layers(parts.model)  # single-launch RMSNorm and rotary
+            if engine_config.fused_layers:
+                use_fused_layers(parts.model)  # fused q,k,v and gate,up GEMMs, add+norm, ...
         make_op = lora_op or default_lora_op(device)
         self.lora: LoraState = apply_lora(parts.model, make_op(self.pool))
         self.runner = ModelRunner(parts.model, self.pool, self.lora)
