@@ -112,11 +112,11 @@ def sampler_agreement(dev: torch.device) -> dict:
 
 
 def decode_steps(dev: torch.device, batch: int, n_adapters: int, rank: int,
-                 graphs: bool = True, sampled: bool = False) -> dict:
+                 graphs: bool = True, sampled: bool = False, fused: bool = True) -> dict:
     cfg = NAMED_SHAPES["llama-2-7b"]
     model = build_model(cfg, None, 2048, torch.bfloat16, dev)
     eng = engine_for(cfg, model, TritonLoraOp, 20.0, max_num_seqs=max(batch, 1),
-                     cuda_graphs=graphs)
+                     cuda_graphs=graphs, fused_layers=fused)
     for i in range(n_adapters):
         eng.add_adapter(f"a{i}", "", weights(cfg, rank, i))
     gen = torch.Generator().manual_seed(1)
@@ -141,7 +141,8 @@ def decode_steps(dev: torch.device, batch: int, n_adapters: int, rank: int,
     del eng, model
     torch.cuda.empty_cache()
     return {"batch": batch, "adapters": n_adapters, "rank": rank, "cuda_graphs": graphs,
-            "sampled": sampled, "step_ms_median": round(times[len(times) // 2], 2),
+            "sampled": sampled, "fused_layers": fused,
+            "step_ms_median": round(times[len(times) // 2], 2),
             "graph_replay_ms": replay,
             "tokens_per_s": round(batch / times[len(times) // 2] * 1000, 1)}
 

@@ -8,6 +8,10 @@ from dataclasses import dataclass, replace
 # The seven projections LoRA may target, in the order the pool lays them out.
 LORA_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                  "down_proj")
+# Projections that read the same input: the base model fuses each group into one GEMM
+# (models/fused_layers.py) and the LoRA kernels into one shrink launch (lora/triton_op.py).
+FUSED_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"),
+                                             ("gate_proj", "up_proj"))
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,9 @@ class EngineConfig:
     seed: int = 0
     # Replay decode steps from captured CUDA graphs (CUDA only; False: always eager).
     cuda_graphs: bool = True
+    # CUDA only: one GEMM per q,k,v and gate,up group, SiLU*up, residual add + RMSNorm and the
+    # q,k rotary each in one launch (models/fused_layers.py); False: the unfused layers.
+    fused_layers: bool = True
     max_graph_batch: int = 64
     # When set, adapter paths must resolve inside one of these folders.
     adapter_roots: tuple[str, ...] = ()

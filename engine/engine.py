@@ -92,16 +92,22 @@ class LLMEngine:
         self.engine_config = engine_config
         device = parts.model.embed_tokens.weight.device
         dtype = parts.model.embed_tokens.weight.dtype
+        if device.type == "cuda":
+            from loraplane.engine.models.fused_layers import use_fused_layers
+            from loraplane.engine.models.triton_layers import use_triton_layers
+
+            use_triton_layers(parts.model)  # single-launch RMSNorm and rotary
+            if engine_config.fused_layers:
+                use_fused_layers(parts.model)  # fused q,k,v and gate,up GEMMs, add+norm, ...
+                # Before the pool takes its share of free memory: the unfused weights' blocks
+                # go back to the device instead of staying in torch's cache.
+                torch.cuda.empty_cache()
         layout = self._pool_layout(parts.config, engine_config.block_size)
         num_pages = self._pool_pages(layout, dtype, device)
         self.pool = DevicePool(layout, num_pages, dtype, device)
         self.adapters = AdapterCache(
             self.pool, parts.config, host_cache_bytes=engine_config.host_cache_bytes,
             prefetch=engine_config.prefetch, load_workers=engine_config.adapter_load_workers)
-        if device.type == "cuda":
-            from loraplane.engine.models.triton_layers import use_triton_layers
-
-            use_triton_layers(parts.model)  # single-launch RMSNorm and rotary
         make_op = lora_op or default_lora_op(device)
         self.lora: LoraState = apply_lora(parts.model, make_op(self.pool))
         self.runner = ModelRunner(parts.model, self.pool, self.lora)

@@ -6,6 +6,7 @@ requests arrive at different steps and long prompts are prefilled in chunks besi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from loraplane.engine.attention import TritonAttention
 from loraplane.engine.config import NAMED_SHAPES, EngineConfig, ModelConfig, RopeScaling
 from loraplane.engine.engine import EngineParts, LLMEngine
-from loraplane.engine.models.llama import build_model
+from loraplane.engine.models.llama import LlamaModel, build_model
 from loraplane.engine.sampling_params import SamplingParams
 from loraplane.engine.tokenizer import Tokenizer
 from tests.reference import AdapterSpec, Reference, make_peft_adapter, random_hf_model
@@ -38,12 +39,16 @@ TINY_GQA_LLAMA3 = NAMED_SHAPES["tiny"].with_updates(
 def run_parity(base_cfg: ModelConfig, weights: dict[str, torch.Tensor], hf_base: object,
                tokenizer: Tokenizer, tmp: Path, prompts: list[list[int]], max_new: int,
                max_batched: int, lora_op: type | None = None,
-               attention: type | None = None) -> None:
+               attention: type | None = None,
+               prepare: Callable[[LlamaModel], None] | None = None) -> None:
+    """prepare: applied to the built model before the engine wraps it (layer swaps)."""
     paths = {s.name: make_peft_adapter(hf_base, s, tmp, seed=i)  # type: ignore[arg-type]
              for i, s in enumerate(ADAPTERS)}
     ref = Reference(hf_base, paths)  # type: ignore[arg-type]
     model = build_model(base_cfg, weights, base_cfg.max_position_embeddings, torch.float32,
                         torch.device("cpu"))
+    if prepare is not None:
+        prepare(model)
     engine = LLMEngine(EngineParts(model, base_cfg, tokenizer, "base"),
                        EngineConfig(pool_bytes=64 << 20, max_num_batched_tokens=max_batched,
                                     max_num_seqs=16),

@@ -1,4 +1,5 @@
-"""Rotary position embedding (rotate-half layout) in one launch, rounding as the torch module.
+"""Rotary position embedding (rotate-half layout) in one launch, rounding as the torch module;
+`rotary_qk` rotates a layer's queries and keys together in that one launch.
 
 Its plain-torch twin is the model's own `models.llama.rotate` (compared in the tests).
 
@@ -14,20 +15,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, H, stride_xt, stride_xh,
-                   stride_ot, stride_oh, stride_c,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    t = tl.program_id(0)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+def _rotate_heads(x_ptr, out_ptr, t, head_block, H, stride_xt, stride_xh, stride_ot, stride_oh,
+                  c1, c2, s1, s2, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads[:, None] < H
     d = tl.arange(0, HALF)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
     dt = out_ptr.dtype.element_ty
-    # cos/sin rows [hd] in float32, rounded to the working dtype as the module does.
-    c1 = tl.load(cos_ptr + pos * stride_c + d).to(dt).to(tl.float32)[None, :]
-    c2 = tl.load(cos_ptr + pos * stride_c + HALF + d).to(dt).to(tl.float32)[None, :]
-    s1 = tl.load(sin_ptr + pos * stride_c + d).to(dt).to(tl.float32)[None, :]
-    s2 = tl.load(sin_ptr + pos * stride_c + HALF + d).to(dt).to(tl.float32)[None, :]
     src = x_ptr + t * stride_xt + heads[:, None] * stride_xh + d[None, :]
     x1 = tl.load(src, mask=hmask, other=0.0).to(tl.float32)  # [BLOCK_H, HALF]
     x2 = tl.load(src + HALF, mask=hmask, other=0.0).to(tl.float32)
@@ -39,26 +32,82 @@ def _rotary_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, H, stride_xt, stri
     tl.store(dst + HALF, o2, mask=hmask)
 
 
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, HQ, HK, q_blocks,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh,
+                   stride_kot, stride_koh, stride_c,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    # Axis 1: the query head blocks, then the key head blocks.
+    t = tl.program_id(0)
+    hb = tl.program_id(1)
+    d = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    dt = qo_ptr.dtype.element_ty
+    # cos/sin rows [hd] in float32, rounded to the working dtype as the module does.
+    c1 = tl.load(cos_ptr + pos * stride_c + d).to(dt).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + pos * stride_c + HALF + d).to(dt).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + pos * stride_c + d).to(dt).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + pos * stride_c + HALF + d).to(dt).to(tl.float32)[None, :]
+    if hb < q_blocks:
+        _rotate_heads(q_ptr, qo_ptr, t, hb, HQ, stride_qt, stride_qh, stride_qot, stride_qoh,
+                      c1, c2, s1, s2, HALF, BLOCK_H)
+    else:
+        _rotate_heads(k_ptr, ko_ptr, t, hb - q_blocks, HK, stride_kt, stride_kh, stride_kot,
+                      stride_koh, c1, c2, s1, s2, HALF, BLOCK_H)
+
+
 def rotary_supported(head_dim: int) -> bool:
     """The kernel needs a power-of-two half head."""
     return head_dim % 2 == 0 and triton.next_power_of_2(head_dim // 2) == head_dim // 2
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-           sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, hd] rotated by each row's position; cos/sin [max_positions, hd] float32."""
-    t, h, hd = x.shape
+def _check(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> None:
+    t, _, hd = x.shape
     if x.stride(2) != 1 or cos.stride(1) != 1 or sin.stride() != cos.stride():
         raise ValueError("x, cos and sin must be contiguous in their last dimension")
     if not rotary_supported(hd) or cos.shape[1] != hd or positions.shape != (t,) \
             or positions.stride(0) != 1:
         raise ValueError(f"rotary: head_dim {hd}, cos {tuple(cos.shape)}, positions "
                          f"{tuple(positions.shape)} do not fit")
+
+
+def rotary_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, nh, hd] and k [T, kvh, hd] (any row and head strides) rotated by each row's position,
+    in one launch; cos/sin [max_positions, hd] float32. Returns new contiguous tensors."""
+    _check(q, positions, cos, sin)
+    _check(k, positions, cos, sin)
+    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or k.dtype != q.dtype:
+        raise ValueError(f"rotary: q {tuple(q.shape)} {q.dtype} and k {tuple(k.shape)} "
+                         f"{k.dtype} differ in rows, head_dim or dtype")
+    t, hq, hd = q.shape
+    hk = k.shape[1]
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if t:
+        block_h = min(triton.next_power_of_2(max(hq, hk)), 16)
+        q_blocks = triton.cdiv(hq, block_h)
+        grid = (t, q_blocks + triton.cdiv(hk, block_h))
+        _rotary_kernel[grid](
+            q, k, positions, cos, sin, q_out, k_out, hq, hk, q_blocks, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), q_out.stride(0), q_out.stride(1), k_out.stride(0),
+            k_out.stride(1), cos.stride(0), HALF=hd // 2, BLOCK_H=block_h, num_warps=2)
+    return q_out, k_out
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, hd] rotated by each row's position; cos/sin [max_positions, hd] float32."""
+    _check(x, positions, cos, sin)
+    t, h, hd = x.shape
     out = torch.empty_like(x)
     if t:
         block_h = min(triton.next_power_of_2(h), 16)
-        _rotary_kernel[(t, triton.cdiv(h, block_h))](
-            x, positions, cos, sin, out, h, x.stride(0), x.stride(1), out.stride(0),
+        q_blocks = triton.cdiv(h, block_h)
+        # The same kernel with no key heads (k arguments repeat x's and are never read).
+        _rotary_kernel[(t, q_blocks)](
+            x, x, positions, cos, sin, out, out, h, 0, q_blocks, x.stride(0), x.stride(1),
+            x.stride(0), x.stride(1), out.stride(0), out.stride(1), out.stride(0),
             out.stride(1), cos.stride(0), HALF=hd // 2, BLOCK_H=block_h, num_warps=2)
     return out
-

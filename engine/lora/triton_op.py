@@ -6,15 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplane.engine.config import FUSED_GROUPS
 from loraplane.engine.kernels.lora_expand import lora_expand
 from loraplane.engine.kernels.lora_meta import StaticMeta, StaticShape, build_meta
 from loraplane.engine.kernels.lora_shrink import lora_shrink
 from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment
 from loraplane.engine.memory_pool import DevicePool
 
-# Projections that read the same input: one shrink launch serves the whole group.
-FUSED_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"),
-                                             ("gate_proj", "up_proj"))
+# One shrink launch serves each group of projections reading the same input.
 GROUP_OF = {m: g for g in FUSED_GROUPS for m in g}
 
 

@@ -86,6 +86,11 @@ class Rotary(nn.Module):
         """x [T, heads, hd] rotated by each row's position."""
         return rotate(x, positions, self.cos, self.sin)
 
+    def rotate_qk(self, q: torch.Tensor, k: torch.Tensor,
+                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's queries [T, nh, hd] and keys [T, kvh, hd], each rotated."""
+        return self(q, positions), self(k, positions)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
@@ -101,9 +106,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q = rotary(self.q_proj(x).view(t, -1, self.head_dim), positions)  # [T, nh, hd]
-        k = rotary(self.k_proj(x).view(t, -1, self.head_dim), positions)  # [T, kvh, hd]
+        q = self.q_proj(x).view(t, -1, self.head_dim)  # [T, nh, hd]
+        k = self.k_proj(x).view(t, -1, self.head_dim)  # [T, kvh, hd]
         v = self.v_proj(x).view(t, -1, self.head_dim)
+        q, k = rotary.rotate_qk(q, k, positions)
         o = meta.attend(q, k, v, kv_cache, self.scale)
         return self.o_proj(o.reshape(t, -1))
 
