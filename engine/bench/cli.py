@@ -19,6 +19,7 @@ from loraplane.cli import add_policy_args, add_tier_args, policy_config, tier_co
 from loraplane.engine.bench.workload import SETTINGS, WorkloadSpec, adapter_ranks, make_trace
 from loraplane.engine.config import LORA_MODULES, EngineConfig
 from loraplane.engine.distributed.lora_op import SKIP_COLLECTIVES_ENV
+from loraplane.engine.kernels.common import compiled_variants
 
 if TYPE_CHECKING:
     from loraplane.engine.outputs import EngineStats
@@ -85,6 +86,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="shard the model and adapters over N GPUs (gloo ranks on CPU)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly (tensor-parallel steps always do)")
+    p.add_argument("--no-fused-layers", action="store_true",
+                   help="keep the unfused decoder layers on CUDA (separate q, k, v and gate, up "
+                        "GEMMs, norms and adds)")
     p.add_argument("--baseline", default="none", choices=["none", "peft"],
                    help="peft: also run the same requests through HF transformers + PEFT")
     p.add_argument("--peft-batch-size", type=int, default=32,
@@ -169,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
         pool_bytes=int(args.pool_memory * 2**30) if args.pool_memory else None,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_lora_rank=args.max_lora_rank, max_waiting=max(4096, args.num_requests),
-        seed=args.seed, cuda_graphs=not args.no_cuda_graphs, **policy_config(args),
+        seed=args.seed, cuda_graphs=not args.no_cuda_graphs,
+        fused_layers=not args.no_fused_layers, **policy_config(args),
         **tier_config(args))
     t = time.monotonic()
     try:
@@ -215,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
                 dataclasses.replace(cfg, scheduling_policy=policy)))
             engine.adapters.drop_idle()
             before = tier_results(engine.stats())
+            variants = compiled_variants()
             played = replay(engine, traces[cv], names, saturate=args.saturate, seed=args.seed)
             stats = engine.stats()
             key = "loraplane" if len(runs) == 1 else f"{policy} cv={cv:g}"
@@ -223,6 +229,9 @@ def run(args: argparse.Namespace) -> int:
                 **summarize(played.records, args.slo_first_token), **decode_steps(played.steps),
                 **tier_deltas(before, tier_results(stats)),
                 "preemptions": played.preemptions,
+                # Triton kernels compiled during the timed replay (the warm-up missed them).
+                "kernel_compiles": None if variants is None
+                else (compiled_variants() or 0) - variants,
                 "adapters_resident_at_end": stats.adapters_resident,
                 "adapters_host_at_end": stats.adapters_host,
                 "pool_pages": stats.pool_pages_total, "page_bytes": stats.page_bytes}
@@ -281,6 +290,7 @@ def record_of(args: argparse.Namespace, cfg: EngineConfig, model_spec: str, dtyp
             "setting": args.setting, "model": model_spec,
             "tensor_parallel_size": args.tensor_parallel_size,
             "cuda_graphs": not args.no_cuda_graphs,
+            "fused_layers": not args.no_fused_layers,
             # Benchmarks of the TP LoRA collectives' cost only: outputs are wrong when set.
             "tp_skip_lora_collectives": args.tensor_parallel_size > 1
             and os.environ.get(SKIP_COLLECTIVES_ENV) == "1",

@@ -60,12 +60,17 @@ def summarize(records: list[RequestRecord], slo_s: float) -> dict:
 
 
 def decode_steps(steps: list[tuple[float, int, bool]]) -> dict:
-    """Median time and batch size of pure-decode steps from (seconds, rows, all_decode) tuples."""
+    """Median time and batch size of pure-decode steps from (seconds, rows, all_decode) tuples,
+    and where the steps' time went: pure-decode steps vs the others (prefill or mixed)."""
     pure = [(s, n) for s, n, d in steps if d]
     if not pure:
         return {"decode_steps": 0}
     secs = [s for s, _ in pure]
+    other = [s for s, _, d in steps if not d]
     return {
+        "decode_steps_s": round(sum(secs), 3),
+        "other_steps_s": round(sum(other), 3),
+        "other_step_ms_p50": _ms(other, 50),
         "decode_steps": len(pure),
         "decode_step_ms_p50": _ms(secs, 50),
         "decode_step_ms_p99": _ms(secs, 99),
