@@ -27,11 +27,11 @@ bench() { timeout "$1" python3 -m loraplane.cli bench --device cuda --dtype bflo
   --log-level warning --out "$out" "${@:2}" 2>&1 | grep -v -i -e warn -e '%|'; }
 # The four tier runs at saturation (each about 40 s: adapter folders, 2,000 registrations,
 # engine build, 120 requests).
-tiers_sat() {
+tiers_sat() {  # time limit per run, then extra bench arguments
   for alpha in 1 0.3; do
     for pf in "" --no-prefetch; do
       bench "$1" --setting S2 --num-adapters 2000 --alpha $alpha --adapter-source disk \
-        --host-cache-memory 16 --pool-memory 40 --saturate --num-requests 120 $pf
+        --host-cache-memory 16 --pool-memory 40 --saturate --num-requests 120 $pf "${@:2}"
     done
   done
 }
@@ -62,6 +62,20 @@ tpg)
       bench 140 --setting S4 --ranks 16 32 64 --num-adapters "$2" --tensor-parallel-size "$1" \
       --saturate --num-requests 150 --sets-per-rank 4 | tail -3
   done ;;
+x2b)  # two H200 at once: tier runs then the fused-layer check on GPU 0; the policy sweep then
+      # S2 at saturation with 0 and 1,000 adapters on GPU 1. Tier and policy runs keep the
+      # unfused layers (set before the fused ones had run on a GPU).
+  (export CUDA_VISIBLE_DEVICES=0
+   tiers_sat 65 --no-fused-layers
+   timeout 200 python3 bench/fused_check.py --out "$out" 2>&1 | grep -v -i warn | tail -12
+  ) > /tmp/gpu0.log 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   bench 265 --setting S2 --num-adapters 100 --num-requests 240 --rate 30 \
+     --scheduling-policy fcfs abort --cv-sweep 1 2 4 8 --no-fused-layers
+   for n in 0 1000; do bench 100 --setting S2 --num-adapters $n --num-requests 200 --saturate; done
+  ) > /tmp/gpu1.log 2>&1 &
+  wait
+  grep -h -v -e '^ *$' /tmp/gpu0.log /tmp/gpu1.log | grep -v -e "^date" -e "^engine:" | tail -60 ;;
 x2)
   bash "$0" tp "$out"
   (export CUDA_VISIBLE_DEVICES=0; tiers_sat 60 > /tmp/tiers.log 2>&1) &
