@@ -132,6 +132,8 @@ def run(num_adapters: int, alpha: float, live: int, steps: int, seed: int,
     s = cache.stats
     out.update(prefetch_hits=s.prefetch_hits, prefetch_misses=s.prefetch_misses,
                host_loads=s.host_loads, adapters_host=cache.num_host(),
+               load_hidden_share=round(s.load_hidden_s / max(s.load_hidden_s
+                                                             + s.load_exposed_s, 1e-9), 3),
                adapters_resident=cache.num_resident())
     return out
 

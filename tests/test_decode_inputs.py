@@ -34,6 +34,10 @@ def test_rows_follow_growing_finishing_and_preempted_sequences() -> None:
     rng = random.Random(0)
     inp = DecodeInputs(rows=8, max_blocks=16, block_size=BS, scratch_slot=SCRATCH,
                        device=torch.device("cpu"))
+    # A tensor-parallel worker's twin: the same rows from (token, position, table) with fresh
+    # table lists each step, as they arrive in rank 0's step message.
+    twin = DecodeInputs(rows=8, max_blocks=16, block_size=BS, scratch_slot=SCRATCH,
+                        device=torch.device("cpu"))
     next_page = iter(range(1, 10_000))
     live: list[Sequence] = []
     for step in range(300):
@@ -51,6 +55,9 @@ def test_rows_follow_growing_finishing_and_preempted_sequences() -> None:
         if live:
             inp.fill(live)
             check(inp, live)
+            twin.fill_rows([s.all_ids[s.num_computed] for s in live],
+                           [s.num_computed for s in live], [list(s.block_table) for s in live])
+            check(twin, live)
         for s in live:  # the step's token is appended and the table grows in place
             s.output_ids.append(rng.randrange(100))
             s.num_computed += 1

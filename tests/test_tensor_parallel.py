@@ -308,3 +308,16 @@ def test_workers_exit_when_rank0_dies(adapter_dir: Path, tmp_path: Path) -> None
             time.sleep(0.2)
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("graph", [None, (16, 32)])
+def test_step_message_round_trip(graph: tuple[int, int] | None) -> None:
+    """Rank 0's step message, graph key included, decodes to what was sent."""
+    from loraplane.engine.attention import SeqSlice
+    from loraplane.engine.distributed import protocol
+
+    msg = protocol.StepMessage([5, 6, 7], [SeqSlice(0, 2, 9, [3, 4, 8]), SeqSlice(2, 1, 4, [1])],
+                               [(0, 2, 11), (2, 3, 12)], [(11, [20, 21])], [13], [14, 15], graph)
+    fields, payload = protocol.encode_step(msg)
+    assert len(fields) + 2 <= protocol.HEADER
+    assert protocol.decode_step(fields, payload) == msg
