@@ -37,8 +37,8 @@ _ids = itertools.count(1)
 # Host->GPU copies in flight at most. Copies on one stream run one after another, so a copy's
 # wait is the sum of those queued before it: with a few in flight the adapter admission needs
 # next waits for at most a few others (an r64 llama-2-7b adapter, 128 MiB, takes ~3 ms over
-# PCIe 5), yet the copy engine never idles between two steps' worth of copies.
-MAX_COPIES = 3
+# PCIe 5), yet the copy engine never idles within a decode step (8 copies ~ one 15-25 ms step).
+MAX_COPIES = 8
 
 
 @dataclass(eq=False)

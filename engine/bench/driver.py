@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +17,8 @@ from loraplane.engine.sampling_params import SamplingParams
 from loraplane.engine.sequence import Sequence
 
 WARMUP_INDEX = 1 << 30  # prompt seeds of warm-up requests, apart from the trace's
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,7 +44,12 @@ def warm_up(engine: LLMEngine, sets: WeightSets | None, seed: int) -> None:
     """Run a short mixed batch (every rank, prefill and decode), then each rank alone, through
     adapters the trace does not use, then unregister them; and capture the decode graphs of
     every batch bucket and rank class. Kernel compiles and graph captures (an engine's start-up
-    cost) are then not timed as serving."""
+    cost) are then not timed as serving, nor is the host tier's up-front pinning.
+
+    Triton compiles a kernel per specialization of its integer arguments (a multiple of 16,
+    equal to 1, other): the prompts have odd lengths as well as multiples of 16, and requests
+    join while others decode, so eager steps that mix prefill and decode rows of any count
+    compile here too (the record's `kernel_compiles` counts what was still missed)."""
     names: list[str | None] = [None]
     if sets is not None:
         for rank in sets.ranks:
@@ -49,19 +57,29 @@ def warm_up(engine: LLMEngine, sets: WeightSets | None, seed: int) -> None:
             engine.add_adapter(f"warmup-r{rank}", label, weights)
             names.append(f"warmup-r{rank}")
     vocab = engine.config.vocab_size
-    prompts: list[str | list[int]] = [
-        prompt_ids(Request(WARMUP_INDEX + i, 0.0, None, 48 + 16 * i, 8), vocab, seed)
-        for i in range(len(names))]
+
+    def prompt(i: int, length: int) -> list[int]:
+        return prompt_ids(Request(WARMUP_INDEX + i, 0.0, None, length, 8), vocab, seed)
+
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    engine.generate(prompts, params, names)
-    for prompt, name in zip(prompts[1:], names[1:], strict=True):  # each rank's kernel variant
-        engine.generate([prompt], params, [name])
+    engine.generate([prompt(i, 48 + 16 * i) for i in range(len(names))], params, names)
+    for i, name in enumerate(names):  # each rank's kernel variants, odd and even lengths
+        for length in (48 + 16 * i, 37 + 16 * i):
+            engine.generate([prompt(i, length)], params, [name])
+    # Staggered arrivals: each request joins a step where the earlier ones decode.
+    for i, name in enumerate(names * 2):
+        engine.add_request(f"warmup-mixed-{i}", prompt(i, 21 + 7 * i), params, name)
+        engine.step()
+    while engine.has_work():
+        engine.step()
     graphs = engine.runner.graphs
     if graphs is not None:
         graphs.capture_all(max(sets.ranks) if sets is not None else 0)
     for name in names[1:]:
         assert name is not None
         engine.unload_adapter(name)
+    if not engine.adapters.host.wait_allocated(timeout=300):
+        log.warning("the host tier is still pinning its memory; the replay starts anyway")
     _sync(engine)
 
 
