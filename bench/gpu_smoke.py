@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from loraplane.engine.adapters import LoraWeights
+from loraplane.engine.adapters import LoraWeights, random_lora_weights
 from loraplane.engine.attention import TorchAttention, TritonAttention
 from loraplane.engine.config import NAMED_SHAPES, EngineConfig, ModelConfig
 from loraplane.engine.engine import EngineParts, LLMEngine
@@ -30,13 +30,7 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 def weights(cfg: ModelConfig, rank: int, seed: int, modules: tuple[str, ...] = MODULES,
             std: float = 0.02) -> LoraWeights:
-    gen = torch.Generator().manual_seed(seed)
-    w = LoraWeights(rank, float(rank), 1.0, modules)
-    for m in modules:
-        fi, fo = cfg.module_shape(m)
-        w.a[m] = torch.randn(cfg.num_layers, rank, fi, generator=gen) * std
-        w.bt[m] = torch.randn(cfg.num_layers, rank, fo, generator=gen) * std
-    return w
+    return random_lora_weights(cfg, rank, modules, seed=seed, std=std)
 
 
 def engine_for(cfg: ModelConfig, model: torch.nn.Module, op: type, pool_gib: float,

@@ -27,7 +27,7 @@ import torch
 
 from loraplane.engine.adapter_cache import AdapterCache
 from loraplane.engine.adapter_source import MemorySource
-from loraplane.engine.adapters import LoraWeights
+from loraplane.engine.adapters import LoraWeights, random_lora_weights
 from loraplane.engine.config import NAMED_SHAPES, EngineConfig
 from loraplane.engine.memory_pool import DevicePool, PoolLayout
 from loraplane.engine.sampling_params import SamplingParams
@@ -47,13 +47,7 @@ class LoaderSource(MemorySource):
 
 
 def weights(rank: int, seed: int) -> LoraWeights:
-    g = torch.Generator().manual_seed(seed)
-    w = LoraWeights(rank=rank, alpha=rank, scale=1.0, modules=MODULES)
-    for m in MODULES:
-        fan_in, fan_out = CONFIG.module_shape(m)
-        w.a[m] = torch.randn(CONFIG.num_layers, rank, fan_in, generator=g)
-        w.bt[m] = torch.randn(CONFIG.num_layers, rank, fan_out, generator=g)
-    return w
+    return random_lora_weights(CONFIG, rank, MODULES, seed=seed)
 
 
 class Timed:

@@ -196,6 +196,23 @@ def read_adapter(folder: str | Path, name: str, config: ModelConfig, *, max_rank
     return read_weights(folder, name, config, spec, max_rank=max_rank, max_bytes=max_bytes)
 
 
+def random_lora_weights(config: ModelConfig, rank: int, modules: tuple[str, ...], *,
+                        seed: int | torch.Generator = 0, std: float = 1.0,
+                        alpha: float | None = None, scale: float = 1.0,
+                        layers: int | None = None) -> LoraWeights:
+    """LoRA weights of random values (tests and benchmarks): A [L, r, in] and B^T [L, r, out]
+    per module, drawn module by module from `seed` (or a generator shared across calls)."""
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    n = config.num_layers if layers is None else layers
+    w = LoraWeights(rank=rank, alpha=float(rank) if alpha is None else alpha, scale=scale,
+                    modules=modules)
+    for m in modules:
+        fan_in, fan_out = config.module_shape(m)
+        w.a[m] = torch.randn(n, rank, fan_in, generator=gen) * std
+        w.bt[m] = torch.randn(n, rank, fan_out, generator=gen) * std
+    return w
+
+
 def write_random_adapter(folder: str | Path, config: ModelConfig, rank: int,
                          modules: tuple[str, ...], seed: int, alpha: float | None = None,
                          std: float = 0.05) -> Path:

@@ -17,7 +17,7 @@ from torch import nn  # noqa: E402
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-from loraplane.engine.adapters import LoraWeights  # noqa: E402
+from loraplane.engine.adapters import LoraWeights, random_lora_weights  # noqa: E402
 from loraplane.engine.attention import SeqSlice, TorchAttention, TritonAttention  # noqa: E402
 from loraplane.engine.config import LORA_MODULES, NAMED_SHAPES, EngineConfig  # noqa: E402
 from loraplane.engine.distributed.sharding import slice_linear  # noqa: E402
@@ -178,13 +178,8 @@ def test_fusing_after_lora_is_refused() -> None:
 
 
 def _adapter(rank: int, modules: tuple[str, ...], seed: int) -> LoraWeights:
-    gen = torch.Generator().manual_seed(seed)
-    w = LoraWeights(rank=rank, alpha=2.0 * rank, scale=2.0, modules=modules)
-    for m in modules:
-        fan_in, fan_out = TINY.module_shape(m)
-        w.a[m] = torch.randn(TINY.num_layers, rank, fan_in, generator=gen) * 0.3
-        w.bt[m] = torch.randn(TINY.num_layers, rank, fan_out, generator=gen) * 0.3
-    return w
+    return random_lora_weights(TINY, rank, modules, seed=seed, std=0.3, alpha=2.0 * rank,
+                               scale=2.0)
 
 
 # Mixed ranks; adapters on part of a fused group (q, v without k; up without gate) and on all.

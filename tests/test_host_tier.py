@@ -14,7 +14,7 @@ import torch
 
 from loraplane.engine.adapter_cache import MAX_COPIES, Adapter, AdapterCache
 from loraplane.engine.adapter_source import AdapterSource, MemorySource
-from loraplane.engine.adapters import LoraWeights
+from loraplane.engine.adapters import LoraWeights, random_lora_weights
 from loraplane.engine.config import NAMED_SHAPES
 from loraplane.engine.errors import InvalidAdapterError
 from loraplane.engine.host_tier import HostTier
@@ -28,13 +28,7 @@ BLOCK = LAYOUT.page_bytes(torch.float32)
 
 
 def weights(rank: int, seed: int) -> LoraWeights:
-    g = torch.Generator().manual_seed(seed)
-    w = LoraWeights(rank=rank, alpha=rank, scale=1.0, modules=MODULES)
-    for m in MODULES:
-        fan_in, fan_out = CONFIG.module_shape(m)
-        w.a[m] = torch.randn(CONFIG.num_layers, rank, fan_in, generator=g)
-        w.bt[m] = torch.randn(CONFIG.num_layers, rank, fan_out, generator=g)
-    return w
+    return random_lora_weights(CONFIG, rank, MODULES, seed=seed)
 
 
 def pages_of(w: LoraWeights) -> int:

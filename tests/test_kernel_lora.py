@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 from loraplane.engine.adapter_cache import AdapterCache  # noqa: E402
-from loraplane.engine.adapters import LoraWeights  # noqa: E402
+from loraplane.engine.adapters import LoraWeights, random_lora_weights  # noqa: E402
 from loraplane.engine.config import LORA_MODULES, NAMED_SHAPES, ModelConfig  # noqa: E402
 from loraplane.engine.kernels.lora_expand import lora_expand, lora_expand_ref  # noqa: E402
 from loraplane.engine.kernels.lora_meta import build_meta  # noqa: E402
@@ -32,12 +32,7 @@ ODD = ModelConfig("odd", 300, 48, 80, 2, 3, 2, 16)
 
 def random_weights(cfg: ModelConfig, rank: int, modules: tuple[str, ...],
                    gen: torch.Generator) -> LoraWeights:
-    w = LoraWeights(rank=rank, alpha=float(rank), scale=1.0, modules=modules)
-    for m in modules:
-        fan_in, fan_out = cfg.module_shape(m)
-        w.a[m] = torch.randn(cfg.num_layers, rank, fan_in, generator=gen) * 0.3
-        w.bt[m] = torch.randn(cfg.num_layers, rank, fan_out, generator=gen) * 0.3
-    return w
+    return random_lora_weights(cfg, rank, modules, seed=gen, std=0.3)
 
 
 def setup(cfg: ModelConfig, dtype: torch.dtype, ranks: list[int], seed: int):  # type: ignore[no-untyped-def]

@@ -38,7 +38,7 @@ from hypothesis.stateful import (
 )
 
 from loraplane.engine.adapter_cache import Adapter, AdapterCache
-from loraplane.engine.adapters import LoraWeights
+from loraplane.engine.adapters import LoraWeights, random_lora_weights
 from loraplane.engine.config import LORA_MODULES, NAMED_SHAPES, EngineConfig
 from loraplane.engine.memory_pool import ADAPTER, KV, DevicePool, PoolLayout
 from loraplane.engine.sampling_params import SamplingParams
@@ -72,13 +72,7 @@ assert adapter_pages(MAX_RANK, LORA_MODULES) + -(-(MAX_PROMPT + MAX_TOKENS) // B
 
 def random_weights(rank: int, modules: tuple[str, ...], seed: int) -> LoraWeights:
     """LoRA weights with A [L, r, in] and B^T [L, r, out] of random values."""
-    g = torch.Generator().manual_seed(seed)
-    w = LoraWeights(rank=rank, alpha=float(rank), scale=1.0, modules=modules)
-    for m in modules:
-        fan_in, fan_out = CONFIG.module_shape(m)
-        w.a[m] = torch.randn(CONFIG.num_layers, rank, fan_in, generator=g)
-        w.bt[m] = torch.randn(CONFIG.num_layers, rank, fan_out, generator=g)
-    return w
+    return random_lora_weights(CONFIG, rank, modules, seed=seed)
 
 
 def fake_step(scheduler: Scheduler) -> tuple[ScheduledBatch, list[Sequence]]:

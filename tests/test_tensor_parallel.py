@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from loraplane.engine.adapters import LoraWeights, write_random_adapter
+from loraplane.engine.adapters import LoraWeights, random_lora_weights, write_random_adapter
 from loraplane.engine.config import LORA_MODULES, NAMED_SHAPES, EngineConfig
 from loraplane.engine.distributed.engine import TensorParallelEngine, build_engine
 from loraplane.engine.distributed.sharding import (
@@ -45,13 +45,7 @@ ADAPTERS = [("r2", 2, ("q_proj", "v_proj")),
 # ---- the sharding math (no processes) -----------------------------------------------------
 
 def _random_weights(rank: int, modules: tuple[str, ...], seed: int) -> LoraWeights:
-    gen = torch.Generator().manual_seed(seed)
-    w = LoraWeights(rank=rank, alpha=2.0 * rank, scale=2.0, modules=modules)
-    for m in modules:
-        fan_in, fan_out = TINY.module_shape(m)
-        w.a[m] = torch.randn(TINY.num_layers, rank, fan_in, generator=gen)
-        w.bt[m] = torch.randn(TINY.num_layers, rank, fan_out, generator=gen)
-    return w
+    return random_lora_weights(TINY, rank, modules, seed=seed, alpha=2.0 * rank, scale=2.0)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from loraplane.engine.adapter_cache import AdapterCache
-from loraplane.engine.adapters import LoraWeights
+from loraplane.engine.adapters import random_lora_weights
 from loraplane.engine.config import NAMED_SHAPES
 from loraplane.engine.kernels.lora_expand import lora_expand, lora_expand_ref
 from loraplane.engine.kernels.lora_meta import LoraKernelMeta, build_meta
@@ -109,11 +109,7 @@ def main() -> None:
         spacer = []
         adapters = []
         for i in range(n_adapters):
-            w = LoraWeights(rank, float(rank), 1.0, MODULES)
-            for m in w.modules:
-                fi, fo = cfg.module_shape(m)
-                w.a[m] = torch.randn(1, rank, fi, generator=gen) * 0.02
-                w.bt[m] = torch.randn(1, rank, fo, generator=gen) * 0.02
+            w = random_lora_weights(cfg, rank, MODULES, seed=gen, std=0.02, layers=1)
             a = cache.add(f"a{i}", "", w)
             while not cache.acquire(a):  # the host->GPU copy runs on a side stream
                 cache.wait()
