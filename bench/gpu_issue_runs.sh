@@ -21,10 +21,21 @@
 #                      requests wait past the 6 s SLO under FCFS); each replay starts with no
 #                      adapter on the GPU or in host RAM; the JSON is rewritten after each replay
 #                      (cv by cv, both policies), so a cut-short run keeps the pairs it finished
+#   x2b    (two H200): tiers2 then bench/fused_check.py on GPU 0; policy2 then S2 at
+#                      saturation with 0 and 1,000 adapters on GPU 1
+# Every run's output also goes to OUT_DIR/runs-gpuN.log (a run cut short by the device's time
+# limit still leaves its log; the summary lines alone reach the terminal).
 part=${1:?part}; out=${2:?out dir}
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-bench() { timeout "$1" python3 -m loraplane.cli bench --device cuda --dtype bfloat16 \
-  --log-level warning --out "$out" "${@:2}" 2>&1 | grep -v -i -e warn -e '%|'; }
+mkdir -p "$out"
+bench() {
+  local log="$out/runs-gpu${CUDA_VISIBLE_DEVICES:-all}.log"
+  echo "== $(date -u +%T) bench ${*:2}" >> "$log"
+  timeout "$1" python3 -m loraplane.cli bench --device cuda --dtype bfloat16 \
+    --log-level warning --out "$out" "${@:2}" 2>&1 | tr '\r' '\n' \
+    | grep --line-buffered -v -e '%|' -e '^ *$' | tee -a "$log" | grep -v -i warn
+  echo "== $(date -u +%T) exit ${PIPESTATUS[0]}" >> "$log"
+}
 # The four tier runs at saturation (each about 40 s: adapter folders, 2,000 registrations,
 # engine build, 120 requests).
 tiers_sat() {  # time limit per run, then extra bench arguments
@@ -66,7 +77,7 @@ x2b)  # two H200 at once: tier runs then the fused-layer check on GPU 0; the pol
       # S2 at saturation with 0 and 1,000 adapters on GPU 1. Tier and policy runs keep the
       # unfused layers (set before the fused ones had run on a GPU).
   (export CUDA_VISIBLE_DEVICES=0
-   tiers_sat 65 --no-fused-layers
+   tiers_sat 90 --no-fused-layers
    timeout 200 python3 bench/fused_check.py --out "$out" 2>&1 | grep -v -i warn | tail -12
   ) > /tmp/gpu0.log 2>&1 &
   (export CUDA_VISIBLE_DEVICES=1
@@ -84,7 +95,7 @@ x2)
      --scheduling-policy fcfs abort --cv-sweep 1 2 4 8 > /tmp/policy.log 2>&1) &
   wait
   grep -h -A9 '^system' /tmp/tiers.log /tmp/policy.log ;;
-tiers2) tiers_sat 65 ;;
+tiers2) tiers_sat 90 ;;
 policy2)
   bench 265 --setting S2 --num-adapters 100 --num-requests 240 --rate 30 \
     --scheduling-policy fcfs abort --cv-sweep 1 2 4 8 ;;
