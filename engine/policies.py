@@ -162,6 +162,8 @@ class AbortPolicy(Policy):
             else:
                 out.append(None)
                 ahead += 1
+                if estimate and self._service:
+                    seq.expected_first_token = now + wait
         return out
 
     def _error(self, expected: float, ahead: int, wait: float) -> SloUnattainableError:
