@@ -1,9 +1,12 @@
 """How good is the early-abort policy's first-token estimate? (CPU, not a test.)
 
 Replays an overloaded S-LoRA trace (tiny random model, in-process engine, wall-clock arrivals)
-under the `abort` policy and compares, for every request it admitted, the first-token time the
-policy expected (the engine clock, `Sequence.expected_first_token`) with the actual one: at the
-first estimate after arrival and at the last one before admission. Error = actual - expected
+under the `abort` policy, and under the estimate it replaced (`hold`, below: places in the batch
+freed after the mean service time of finished requests), one after the other for each cv in one
+process (this CPU's speed drifts with its other load), and compares, for every request it
+admitted, the first-token time the policy expected (the engine clock,
+`Sequence.expected_first_token`) with the actual one: at the first estimate after arrival and
+at the last one before admission. Error = actual - expected
 (positive: the estimate was optimistic). It also splits each served request's first-token
 latency into its wait for admission and admission -> first token, and counts the requests the
 policy kept that then missed the SLO. Prints one table per cv and writes JSON under `--out`.
@@ -14,9 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import heapq
+import itertools
 import json
 import logging
+import statistics
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +36,7 @@ from loraplane.engine.bench.workload import WorkloadSpec, adapter_ranks, make_tr
 from loraplane.engine.config import EngineConfig
 from loraplane.engine.engine import LLMEngine
 from loraplane.engine.errors import SloUnattainableError
-from loraplane.engine.policies import make_policy
+from loraplane.engine.policies import SERVICE_WINDOW, AbortPolicy, make_policy
 from loraplane.engine.sequence import Sequence
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -45,10 +52,61 @@ def quantiles(values: list[float]) -> dict[str, float | None]:
             "max": round(float(a.max()), 4)}
 
 
+class HoldTimeAbortPolicy(AbortPolicy):
+    """The estimate before bench/results/abort-*: the k-th waiting request gets the k-th place
+    of the batch to free, each running or admitted request holding its place for the mean
+    first-token-to-finish time of recently finished requests plus the median step."""
+
+    def __init__(self, slo_s: float) -> None:
+        super().__init__(slo_s)
+        self._service: deque[float] = deque(maxlen=SERVICE_WINDOW)
+        self._steps: deque[float] = deque(maxlen=SERVICE_WINDOW)
+        self._round: float | None = None
+
+    def on_finish(self, seq: Sequence, now: float) -> None:
+        if seq.first_token_time is not None and seq.finish_reason in ("stop", "length"):
+            self._service.append(now - seq.first_token_time)
+
+    def _places(self, running: list[Sequence], now: float) -> Iterator[float]:
+        if not self._service or not running:
+            return
+        hold = statistics.mean(self._service) + (statistics.median(self._steps)
+                                                 if self._steps else 0.0)
+        free = [hold if s.first_token_time is None else max(0.0, hold - (now - s.first_token_time))
+                for s in running]  # [places]: seconds until each is free
+        heapq.heapify(free)
+        while True:
+            t = heapq.heappop(free)
+            yield t
+            heapq.heappush(free, t + hold)
+
+    def refusals(self, waiting: deque[Sequence], running: list[Sequence], now: float,
+                 estimate: bool) -> list[SloUnattainableError | None]:
+        if estimate:
+            if self._round is not None:
+                self._steps.append(now - self._round)
+            self._round = now
+        places = self._places(running, now) if estimate else iter(())
+        out: list[SloUnattainableError | None] = []
+        ahead = 0
+        for seq in waiting:
+            wait = next(places, 0.0)
+            if seq.first_token_time is None and now - seq.arrival + wait > self.slo_s:
+                out.append(self._error(now - seq.arrival + wait, ahead, wait))
+                places = itertools.chain([wait], places)  # the place goes to the next one
+                continue
+            out.append(None)
+            ahead += 1
+            if estimate and self._service and seq.first_token_time is None:
+                seq.expected_first_token = now + wait
+        return out
+
+
 def run_one(engine: LLMEngine, cfg: EngineConfig, spec: WorkloadSpec, names: list[str],
-            slo: float) -> dict[str, Any]:
-    """One replay under a fresh abort policy; the estimate errors and the latency split."""
-    policy = make_policy(cfg)
+            slo: float, estimate: str) -> dict[str, Any]:
+    """One replay under a fresh abort policy (``estimate``: "rate", the engine's, or "hold");
+    the estimate errors and the latency split."""
+    policy = make_policy(cfg) if estimate == "rate" else HoldTimeAbortPolicy(slo)
     engine.scheduler.set_policy(policy)
     engine.adapters.drop_idle()
     seqs: list[Sequence] = []
@@ -114,6 +172,7 @@ def main() -> None:
     p.add_argument("--input-range", type=int, nargs=2, default=[8, 64])
     p.add_argument("--output-range", type=int, nargs=2, default=[8, 64])
     p.add_argument("--max-num-seqs", type=int, default=4)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--pool-memory", type=float, default=0.05, help="GiB")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="", help="added to the JSON file name")
@@ -121,6 +180,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg = EngineConfig(pool_bytes=int(args.pool_memory * 2**30), max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens,
                        max_waiting=max(4096, args.num_requests), seed=args.seed,
                        scheduling_policy="abort", slo_first_token=args.slo)
     engine = LLMEngine.from_spec("random:tiny", device="cpu", engine_config=cfg)
@@ -133,12 +193,13 @@ def main() -> None:
                         input_range=tuple(args.input_range),
                         output_range=tuple(args.output_range), seed=args.seed)
     results = {}
-    for cv in args.cv:
-        r = run_one(engine, cfg, dataclasses.replace(spec, cv=cv), names, args.slo)
-        results[f"cv={cv:g}"] = r
+    for cv, estimate in itertools.product(args.cv, ("hold", "rate")):
+        r = run_one(engine, cfg, dataclasses.replace(spec, cv=cv), names, args.slo, estimate)
+        results[f"{estimate} cv={cv:g}"] = r
         e, f = r["error_last_estimate_s"], r["error_first_estimate_s"]
-        print(f"cv {cv:g}: attainment {r['slo_attainment']:.1%}, served {r['served']}, refused "
-              f"{r['refused']}, served but missed {r['served_missed_slo']}; estimate error (s, "
+        print(f"{estimate} cv {cv:g}: attainment {r['slo_attainment']:.1%}, served "
+              f"{r['served']}, refused {r['refused']}, served but missed "
+              f"{r['served_missed_slo']}; estimate error (s, "
               f"actual - expected) last: mean {e['mean']} p50 {e['p50']} p90 {e['p90']}, first: "
               f"mean {f['mean']} p50 {f['p50']} p90 {f['p90']}; optimistic "
               f"{r['optimistic_share_last']:.0%}; admission -> first token p50 "
