@@ -9,9 +9,9 @@ says, from the waiting queue, which request to try next, and keeps the accountin
   first, the others after them in queue order; with ``max_adapters_per_batch`` it bounds the
   distinct adapters of a batch.
 - ``abort`` (S-LoRA's early abort): queue order, but a request that can no longer get its first
-  token within the SLO, from its wait so far and when a place in the batch frees for it (after
-  those ahead; each request holds its place for the measured hold time), is refused at once with
-  ``SloUnattainableError`` instead of being served late.
+  token within the SLO, from its wait so far, when it would be admitted (after those kept ahead,
+  at the admission rate measured while requests waited) and the measured time from admission to
+  first token, is refused at once with ``SloUnattainableError`` instead of being served late.
 - ``vtc`` (virtual token counters, Sheng et al., "Fairness in Serving LLMs"): the waiting request
   of the tenant with the smallest counter of served tokens goes first; a tenant that becomes active
   starts at the smallest active counter, so idling banks no credit. With one tenant (or none named)
@@ -23,7 +23,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import statistics
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -39,8 +38,10 @@ if TYPE_CHECKING:
 # token costs about twice a prefilled one).
 PROMPT_WEIGHT = 1.0
 OUTPUT_WEIGHT = 2.0
-# Finished requests whose time in the batch the early-abort estimate averages over.
+# Finished requests whose admission -> first token time the early-abort estimate averages over.
 SERVICE_WINDOW = 64
+# Share of the SLO of measured backlog before the early-abort estimate trusts its admission rate.
+MEASURED_SHARE = 0.25
 
 
 class Policy:
@@ -91,7 +92,15 @@ class ClusterPolicy(Policy):
 
 
 class AbortPolicy(Policy):
-    """S-LoRA's early abort: refuse at once the requests that would miss the first-token SLO."""
+    """S-LoRA's early abort: refuse at once the requests that would miss the first-token SLO.
+
+    A waiting request's first token is expected after the requests kept ahead of it and itself
+    are admitted, at the admission rate measured while requests waited (whatever bounds it:
+    batch places, token budget, KV pages, adapter loads), plus the measured time from admission
+    to first token (its prefill, in chunks under the token budget). Both are measured, not
+    modelled: an estimate from the service times of finished requests favours the short ones
+    that finish first, and leaves out the prefill.
+    """
 
     name = "abort"
 
@@ -99,69 +108,93 @@ class AbortPolicy(Policy):
         if not slo_s > 0:
             raise ValueError(f"the first-token SLO must be positive, not {slo_s}")
         self.slo_s = slo_s
-        # Seconds from first token to finish of recently completed requests.
-        self._service: deque[float] = deque(maxlen=SERVICE_WINDOW)
-        # Seconds between admission rounds (engine steps); the median ignores idle gaps.
-        self._steps: deque[float] = deque(maxlen=SERVICE_WINDOW)
+        # Admission rounds that followed a round which left requests waiting (so any place that
+        # freed in between was taken at once): (seconds since that round, requests admitted),
+        # the last slo_s seconds of them, with their sums.
+        self._rounds: deque[tuple[float, int]] = deque()
+        self._span = 0.0
+        self._admitted = 0
         self._last_round: float | None = None
+        self._backlog = False  # the last round left requests waiting
+        self._last_admission: float | None = None  # the last round that admitted any
+        # Seconds from (last) admission to first token of recently finished requests.
+        self._to_first: deque[float] = deque(maxlen=SERVICE_WINDOW)
 
     def on_finish(self, seq: Sequence, now: float) -> None:
-        if seq.first_token_time is not None and seq.finish_reason in ("stop", "length"):
-            self._service.append(now - seq.first_token_time)
+        first, admitted = seq.first_token_time, seq.admitted_at
+        if first is not None and admitted is not None and first >= admitted \
+                and seq.finish_reason in ("stop", "length"):
+            self._to_first.append(first - admitted)
 
-    def hold_time(self) -> float | None:
-        """Seconds a request holds its place in the batch: from its first token to its finish,
-        plus one engine step (its prefill, or the wait for the round that admits the next);
-        None before any request has finished."""
-        if not self._service:
+    def admission_rate(self, now: float) -> float | None:
+        """Requests admitted per second while requests waited, up to the last admission (the
+        time since then is part of the next interval); None until a quarter of the SLO of such
+        time was seen; one per measured span if nothing was admitted in it (never 0)."""
+        if self._span < MEASURED_SHARE * self.slo_s:
             return None
-        step = statistics.median(self._steps) if self._steps else 0.0
-        return sum(self._service) / len(self._service) + step
+        since = self._span if self._last_admission is None else \
+            min(self._span, now - self._last_admission)
+        if self._admitted == 0 or since >= self._span:
+            return 1.0 / self._span
+        return self._admitted / (self._span - since)
 
-    def admission_times(self, running: list[Sequence], now: float) -> Iterator[float]:
-        """Seconds from now until the 1st, 2nd, ... waiting request gets a place: each running
-        request frees its place after the rest of its hold time, and so does each admitted one.
-        Nothing when no request runs or the hold time is not measured yet."""
-        hold = self.hold_time()
-        if hold is None or not running:
-            return
-        # [places]: seconds until each place of the batch is free.
-        free = [hold if s.first_token_time is None else max(0.0, hold - (now - s.first_token_time))
-                for s in running]
-        heapq.heapify(free)
-        while True:
-            t = heapq.heappop(free)
-            yield t
-            heapq.heappush(free, t + hold)
+    def to_first_token(self) -> float:
+        """Mean seconds from admission to first token of recent requests (0 before any)."""
+        return sum(self._to_first) / len(self._to_first) if self._to_first else 0.0
+
+    def _note_round(self, running: list[Sequence], now: float) -> None:
+        """Count this round's admissions (the running requests admitted ``now``) if requests
+        waited since the last round; drop rounds older than the SLO's worth of them."""
+        admitted = sum(1 for s in running if s.admitted_at == now)
+        if self._last_round is not None and self._backlog:
+            self._rounds.append((now - self._last_round, admitted))
+            self._span += now - self._last_round
+            self._admitted += admitted
+            while self._span - self._rounds[0][0] >= self.slo_s:
+                dt, n = self._rounds.popleft()
+                self._span -= dt
+                self._admitted -= n
+        if admitted:
+            self._last_admission = now
+        self._last_round = now
 
     def refusals(self, waiting: deque[Sequence], running: list[Sequence], now: float,
                  estimate: bool) -> list[SloUnattainableError | None]:
-        """Walk the queue in order: a request whose wait so far plus the time until a place
-        frees for it (after those kept ahead of it) passes the SLO is refused; the others are
-        kept and served in order. A request that already streamed tokens (preempted) is never
-        refused. Without ``estimate`` (before admission) only requests already past the SLO
-        are; with it, before anything was measured, likewise."""
+        """Walk the queue in order: the k-th request kept is expected to be admitted k / rate
+        seconds after the next admission (one interval after the last, or now if that is
+        overdue), and to get its first token ``to_first_token()`` later; one whose wait so far
+        plus that passes the SLO is refused, and its place goes to the next one. A request that
+        already streamed tokens (preempted) is never refused. Without ``estimate`` (before
+        admission) a request is refused if even admission now would miss; before the rate is
+        measured, only requests already past the SLO are."""
         if estimate:
-            if self._last_round is not None:
-                self._steps.append(now - self._last_round)
-            self._last_round = now
-        places = self.admission_times(running, now) if estimate else iter(())
+            self._note_round(running, now)
+        rate = self.admission_rate(now)
+        to_first = self.to_first_token() if rate is not None else 0.0
+        first = 0.0  # seconds from now to the next admission
+        if estimate and rate is not None:
+            last = now if self._last_admission is None else self._last_admission
+            first = max(0.0, last + 1.0 / rate - now)
         out: list[SloUnattainableError | None] = []
         ahead = 0
         for seq in waiting:
             if seq.first_token_time is not None:
                 out.append(None)
                 ahead += 1
-                next(places, None)
                 continue
-            waited = now - seq.arrival
-            wait = next(places, 0.0)
-            if waited + wait > self.slo_s:
-                out.append(self._error(waited + wait, ahead, wait))
-                places = itertools.chain([wait], places)  # the place goes to the next one
+            # Kept in the queue unless even the optimistic estimate misses (a request kept in
+            # vain is refused later at no cost); not admitted if admission now would miss.
+            wait = first + ahead / rate if estimate and rate is not None else to_first
+            expected = now - seq.arrival + wait
+            if expected > self.slo_s:
+                out.append(self._error(expected, ahead, wait))
             else:
                 out.append(None)
                 ahead += 1
+                if estimate and rate is not None:
+                    seq.expected_first_token = now + wait + to_first
+        if estimate:
+            self._backlog = ahead > 0
         return out
 
     def _error(self, expected: float, ahead: int, wait: float) -> SloUnattainableError:

@@ -89,7 +89,7 @@ class Scheduler:
                 i += 1
         now = self.clock()
         self._refuse(batch, now, estimate=False)
-        self._admit(batch, budget)
+        self._admit(batch, budget, now)
         self._refuse(batch, now, estimate=True)
         self.policy.on_scheduled(batch.seqs, batch.num_new)
         self.adapters.prefetch(upcoming_adapters(self._candidates(), PREFETCH_LIMIT,
@@ -120,7 +120,7 @@ class Scheduler:
             if seq.status is Status.WAITING and seq.passed_over < limit:
                 yield seq
 
-    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+    def _admit(self, batch: ScheduledBatch, budget: int, now: float) -> None:
         """Admit waiting requests in order while budget, batch slots and KV pages last.
 
         A request whose adapter is over the batch's adapter cap, or that the adapter cache cannot
@@ -152,6 +152,7 @@ class Scheduler:
                 self._release_adapter(seq)  # an idle pinned adapter would block eviction
                 break
             seq.status = Status.RUNNING
+            seq.admitted_at = now
             seq.passed_over = 0
             self.running.append(seq)
             batch.seqs.append(seq)

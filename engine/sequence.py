@@ -52,6 +52,10 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     first_token_time: float | None = None
+    # When the scheduler last admitted it (a preempted request is admitted again), and when the
+    # abort policy last expected its first token (engine clock; None until it estimated one).
+    admitted_at: float | None = None
+    expected_first_token: float | None = None
     # Called with each RequestOutput (on the engine's thread); None for synchronous use.
     on_output: Callable[[RequestOutput], None] | None = None
 

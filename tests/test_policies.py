@@ -157,35 +157,91 @@ def test_vtc_with_nobody_active_lifts_to_the_last_departure() -> None:
     assert vtc.counters == {"b": 4.0}
 
 
-def test_abort_refuses_from_wait_place_and_measured_hold_time() -> None:
+def abort_round(policy: AbortPolicy, now: float, admitted: int,
+                waiting: deque[Sequence]) -> list[bool]:
+    """One scheduler round on a scripted queue: ``admitted`` requests were admitted at ``now``
+    (the running ones here), then the policy decides; returns which waiting ones it refused."""
+    running = [seq(f"admitted{i}") for i in range(admitted)]
+    for s in running:
+        s.admitted_at = now
+    return [e is not None for e in policy.refusals(waiting, running, now, estimate=True)]
+
+
+def served(admitted_at: float, first_token: float) -> Sequence:
+    done = seq("done")
+    done.admitted_at, done.first_token_time, done.finish_reason = admitted_at, first_token, \
+        "length"
+    return done
+
+
+def test_abort_before_measuring_refuses_only_certain_misses() -> None:
     policy = AbortPolicy(slo_s=6.0)
-    now = 10.0
-    running = [seq("run0"), seq("run1")]
-    running[0].first_token_time, running[1].first_token_time = 9.0, 8.0
     preempted = seq("preempted", arrival=0.0)
     preempted.first_token_time = 1.0  # already streamed: never refused
     waiting = deque([preempted, seq("old", arrival=0.0),
-                     *(seq(f"r{i}", arrival=9.0) for i in range(6))])
-    # Before any request finished nothing is estimated: only requests past the SLO are refused.
-    assert [e is not None for e in policy.refusals(waiting, running, now, estimate=True)] == \
-        [False, True] + [False] * 6
-    # Requests hold their place 2 s from their first token: the places free in 0 s (run1), 1 s
-    # (run0), then every second. The preempted request takes the first place; r_k, who waited
-    # 1 s, gets the (k+2)-th: r0..r4 make 6 s, r5 does not.
-    finished = seq("done")
-    finished.first_token_time, finished.finish_reason = 1.0, "length"
-    policy.on_finish(finished, 3.0)
-    assert policy.hold_time() == pytest.approx(2.0)
-    errors = policy.refusals(waiting, running, now, estimate=True)
-    assert [e is not None for e in errors] == [False, True, False, False, False, False, False,
-                                               True]
-    err = errors[-1]
+                     *(seq(f"r{i}", arrival=9.0) for i in range(50))])
+    # No backlog was measured yet: however long the queue, only the request past its SLO goes.
+    assert abort_round(policy, 10.0, 0, waiting) == [False, True] + [False] * 50
+    assert policy.admission_rate(10.0) is None
+    assert waiting[2].expected_first_token is None
+
+
+def test_abort_refuses_from_measured_admission_rate_and_first_token_time() -> None:
+    policy = AbortPolicy(slo_s=6.0)
+    policy.on_finish(served(admitted_at=3.0, first_token=4.0), 4.0)  # 1 s to the first token
+    assert policy.to_first_token() == pytest.approx(1.0)
+    queue = deque([seq("q", arrival=0.0)])
+    # Two admissions a second while requests wait: 2 / s, measured over 2 s (a third of the
+    # SLO, more than the quarter needed).
+    for t in (0.0, 1.0):
+        abort_round(policy, t, 2, queue)
+    preempted = seq("preempted", arrival=0.0)
+    preempted.first_token_time = 1.0
+    waiting = deque([preempted, seq("old", arrival=-3.5),
+                     *(seq(f"r{i}", arrival=1.0) for i in range(10))])
+    refused = abort_round(policy, 2.0, 2, waiting)
+    assert policy.admission_rate(2.0) == pytest.approx(2.0)
+    # The next admission is 0.5 s away, then one every 0.5 s; the preempted request takes the
+    # first. In the queue a request is kept unless even its admission passes the SLO: "old"
+    # (waited 5.5 s) would be admitted at 6.5 s: refused, and its place goes to r0. r_k waited
+    # 1 s and is admitted after 0.5 + 0.5 (k + 1) s, 2 + 0.5 k s after its arrival: r0..r8 make
+    # 6 s, r9 does not.
+    assert refused == [False, True] + [False] * 9 + [True]
+    # Its expected first token adds the measured second from admission to first token.
+    assert waiting[2].expected_first_token == pytest.approx(2.0 + 1.0 + 1.0)
+    errors = policy.refusals(waiting, [], 2.0, estimate=False)
+    # Before admission: refused if even admission now would miss (5.5 s waited + 1 s to the
+    # first token); the queue ahead does not count.
+    assert [e is not None for e in errors] == [False, True] + [False] * 10
+    err = policy.refusals(waiting, [], 2.0 + 1e-9, estimate=True)[-1]
     assert isinstance(err, SloUnattainableError)
     assert err.status_code == 503 and err.code == "slo_unattainable"
-    assert err.headers == {"Retry-After": "6"}  # when the six kept ahead of it have places
-    # Before admission only the certain misses are refused.
-    assert [e is not None for e in policy.refusals(waiting, running, now, estimate=False)] == \
-        [False, True] + [False] * 6
+    assert err.headers == {"Retry-After": "6"}  # when the ten kept ahead have their places
+
+
+def test_abort_rate_follows_the_last_slo_of_backlog_and_ignores_idle_time() -> None:
+    policy = AbortPolicy(slo_s=6.0)
+    filler = seq("preempted", arrival=0.0)
+    filler.first_token_time = 0.0  # a request that stays queued (never refused): a backlog
+    queue = deque([filler])
+    for t in range(4):
+        abort_round(policy, float(t), 2, queue)
+    assert policy.admission_rate(3.0) == pytest.approx(2.0)
+    # The engine slows down to one admission every 2 s: once the 2 / s rounds are more than an
+    # SLO's worth of backlog ago, the estimate is 0.5 / s.
+    for t in range(4, 12):
+        abort_round(policy, float(t), t % 2, queue)
+    assert policy.admission_rate(11.0) == pytest.approx(0.5)
+    # Just after that admission the next is expected 2 s later, then one every 2 s.
+    waiting = deque([filler, seq("w", arrival=11.0)])
+    abort_round(policy, 11.0 + 1e-9, 0, waiting)
+    assert waiting[1].expected_first_token == pytest.approx(11.0 + 2.0 + 2.0)
+    # An idle engine (nothing waiting after a round) measures nothing: the first round of a
+    # burst hours later does not count the idle time as time without admissions.
+    abort_round(policy, 12.0, 1, deque())
+    rate = policy.admission_rate(12.0)
+    abort_round(policy, 5000.0, 3, queue)
+    assert policy.admission_rate(5000.0) == rate
 
 
 # ---- the engine -------------------------------------------------------------------------------
