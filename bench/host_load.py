@@ -85,10 +85,10 @@ def run_loads(tier: HostTier[int], sources: list[FolderSource], keys: range,
 
 
 def phases(source: FolderSource, layout: PoolLayout, repeats: int) -> dict[str, float]:
-    """Median seconds of each phase of one load, alone on this thread: config (the folder's
-    config and header checked again), header (opened, parsed, offsets checked, mapped), copy
-    (read from the mapping, dtype converted, laid out into the pages), scale (B^T * scale),
-    check (finite values)."""
+    """Median seconds of each phase of one load, alone on this thread: config (the folder and
+    its config checked again), header (opened, parsed, offsets checked, mapped), copy
+    (read from the mapping, dtype converted, B^T scaled, laid out into the pages), check
+    (finite values)."""
     pages = [torch.zeros(CONFIG.num_layers, layout.page_elems_per_layer, dtype=DTYPE)
              for _ in range(pages_of(source.spec, layout))]  # touched, as the tier's blocks
     runs: list[dict[str, float]] = []

@@ -3,8 +3,8 @@ pages' dtype, B transposed with the scale folded in, every offset and value chec
 
 Why not safetensors' own reader: it copies each tensor out of the file, and the old path then
 stacked, converted, transposed and scaled into further full-size tensors before laying them out.
-Here the only full pass is the copy from the file's pages into the destination (converting on
-the way), with the scale and the finite check on that destination piece while it is in cache.
+Here the only full pass is the copy from the file's pages into the destination (converting and
+scaling on the way), with the finite check on that destination piece while it is in cache.
 The copies are few and large: a module's layers whose tensors sit at a constant byte stride in
 the file (every writer's layout, in any name order) are one strided view, so a load is a few
 dozen torch calls (which run without the GIL), not one per layer and page piece.
@@ -163,22 +163,30 @@ class _File:
                                 t.start // size)
 
 
-def _copy_rect(dst: torch.Tensor, src: torch.Tensor, lo: int, hi: int) -> None:
-    """dst [layers, hi - lo] = src [layers, rows, width] flattened per layer, elements [lo, hi):
-    at most a partial row, whole rows, and a partial row (three copies)."""
+def _copy_rect(dst: torch.Tensor, src: torch.Tensor, lo: int, hi: int, scale: float) -> None:
+    """dst [layers, hi - lo] = scale * src [layers, rows, width] flattened per layer, elements
+    [lo, hi): at most a partial row, whole rows, and a partial row. Rounds as `src.to(dtype) *
+    scale` (the plain path): in one pass when no conversion comes first."""
     width = src.shape[2]
     pos = lo
     while pos < hi:
         row, c0 = divmod(pos, width)
         d = pos - lo
         if c0 or hi - pos < width:
-            c1 = min(width, c0 + hi - pos)
-            dst[:, d:d + c1 - c0].copy_(src[:, row, c0:c1])
-            pos += c1 - c0
+            step = min(width, c0 + hi - pos) - c0
+            out, part = dst[:, d:d + step], src[:, row, c0:c0 + step]
         else:
             rows = (hi - pos) // width
-            dst[:, d:d + rows * width].unflatten(1, (rows, width)).copy_(src[:, row:row + rows])
-            pos += rows * width
+            step = rows * width
+            out = dst[:, d:d + step].unflatten(1, (rows, width))
+            part = src[:, row:row + rows]
+        if scale == 1.0:
+            out.copy_(part)
+        elif part.dtype == out.dtype:
+            torch.mul(part, scale, out=out)
+        else:
+            out.copy_(part).mul_(scale)
+        pos += step
 
 
 def _finite(x: torch.Tensor) -> bool:
@@ -195,7 +203,7 @@ def read_into_pages(path: Path, name: str, config: ModelConfig, rank: int, segme
     A [r, in] as is, B [out, r] as B^T [r, out] times `scale`, in the pages' dtype, the last
     page's tail zeroed. The file must hold exactly `segments`' modules at `rank`; raises
     InvalidAdapterError otherwise, or on bad offsets or non-finite values. `phases`, when given,
-    gets seconds per phase added (header, copy, scale, check)."""
+    gets seconds per phase added (header; copy: read, convert, scale, lay out; check)."""
     timer = _Phases(phases)
     t = time.perf_counter()
     total = sum(n for _, _, n in segments)
@@ -227,11 +235,8 @@ def read_into_pages(path: Path, name: str, config: ModelConfig, rank: int, segme
         for k, col, lo, hi in page_pieces(start, n, pe):
             dst = pages[k][:, col:col + hi - lo]  # [num_layers, hi - lo]
             for first, count, v in views:
-                _copy_rect(dst[first:first + count], v, lo, hi)
+                _copy_rect(dst[first:first + count], v, lo, hi, scale if ab == "B" else 1.0)
             t = timer.add("copy", t)
-            if ab == "B" and scale != 1.0:
-                dst.mul_(scale)  # rounds once from the product, as b * scale did
-                t = timer.add("scale", t)
             if not _finite(dst):
                 layer = next(i for i in range(config.num_layers) if not _finite(dst[i]))
                 raise fail(name, f"layers.{layer}.{MODULE_PARENT[m]}.{m}.lora_{ab} holds NaN "

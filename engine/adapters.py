@@ -107,10 +107,10 @@ def _read_config(folder: Path, name: str) -> dict:
     return parse_config(path.read_bytes(), name)
 
 
-def read_header(folder: str | Path, name: str, config: ModelConfig, *, max_rank: int,
-                max_bytes: int) -> LoraSpec:
-    """Validate a PEFT LoRA folder from its config and safetensors header alone (no tensor
-    data is read: registering adapters costs metadata only); raise InvalidAdapterError."""
+def _check_folder(folder: str | Path, name: str, max_rank: int,
+                  max_bytes: int) -> tuple[Path, int, int, float, bool]:
+    """(weights file, its size, rank, alpha, use_rslora) of a folder with a safetensors file
+    within the size limit and a supported config; raise InvalidAdapterError."""
     root = Path(folder)
     if not root.is_dir():
         raise fail(name, f"{folder} is not a directory")
@@ -126,6 +126,14 @@ def read_header(folder: str | Path, name: str, config: ModelConfig, *, max_rank:
     if size > max_bytes:
         raise fail(name, f"{WEIGHTS_FILE} is {size} bytes, over the limit of {max_bytes}")
     rank, alpha, rslora = check_config(_read_config(root, name), name, max_rank)
+    return weights, size, rank, alpha, rslora
+
+
+def read_header(folder: str | Path, name: str, config: ModelConfig, *, max_rank: int,
+                max_bytes: int) -> LoraSpec:
+    """Validate a PEFT LoRA folder from its config and safetensors header alone (no tensor
+    data is read: registering adapters costs metadata only); raise InvalidAdapterError."""
+    weights, size, rank, alpha, rslora = _check_folder(folder, name, max_rank, max_bytes)
     try:
         with weights.open("rb") as f:
             n = header_length(f.read(8), size, name)
@@ -145,12 +153,14 @@ def write_weights(folder: str | Path, name: str, config: ModelConfig, spec: Lora
     the pages' dtype, checking their values are finite; raise InvalidAdapterError. `phases`:
     seconds per phase, for benchmarks."""
     t = time.perf_counter()
-    if read_header(folder, name, config, max_rank=max_rank, max_bytes=max_bytes) != spec:
-        raise fail(name, f"{folder} changed since it was registered (rank, alpha or modules)")
+    weights, _, rank, alpha, rslora = _check_folder(folder, name, max_rank, max_bytes)
+    if (rank, alpha, scale_of(rank, alpha, rslora)) != (spec.rank, spec.alpha, spec.scale):
+        raise fail(name, f"{folder} changed since it was registered (rank or alpha)")
     if phases is not None:
         phases["config"] = phases.get("config", 0.0) + time.perf_counter() - t
-    read_into_pages(Path(folder) / WEIGHTS_FILE, name, config, spec.rank, spec.segments(config),
-                    spec.scale, pages, phases)
+    # The header is read once, there, from the file the tensors are then mapped from.
+    read_into_pages(weights, name, config, spec.rank, spec.segments(config), spec.scale, pages,
+                    phases)
 
 
 def read_weights(folder: str | Path, name: str, config: ModelConfig, spec: LoraSpec, *,

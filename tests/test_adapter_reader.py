@@ -186,6 +186,15 @@ def test_refuses_modules_changed_since_registration(tmp_path: Path) -> None:
         read_pages(folder, torch.float32, 64, spec)
 
 
+def test_refuses_alpha_changed_since_registration(tmp_path: Path) -> None:
+    folder = adapter(tmp_path, 2, ("q_proj", "v_proj"))
+    spec = read_header(folder, "ad", TINY, **LIMITS)
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    (folder / CONFIG_FILE).write_text(json.dumps(cfg | {"lora_alpha": 99}))
+    with pytest.raises(InvalidAdapterError, match=r"changed since it was registered \(rank"):
+        read_pages(folder, torch.float32, 64, spec)
+
+
 def test_host_tier_loads_folders_into_its_blocks(tmp_path: Path) -> None:
     layout = PoolLayout.for_model(TINY, 8)
     host: HostTier[str] = HostTier(64 * layout.page_bytes(torch.bfloat16), TINY, layout,
