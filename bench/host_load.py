@@ -109,7 +109,7 @@ def main() -> None:
                    help=f"loader threads (default {EngineConfig.adapter_load_workers})")
     p.add_argument("--host-gib", type=float, default=1.0, help="host tier GiB (default 1)")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--phase-repeats", type=int, default=3)
+    p.add_argument("--phase-repeats", type=int, default=3, help="0: no phase breakdown")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default bench/results/host-load-DATE-CPU-wW.json)")
@@ -128,7 +128,7 @@ def main() -> None:
         run_loads(tier, sources, range(-warm, 0), layout)
         wall, seconds, nbytes = run_loads(tier, sources, range(args.loads), layout)
         r64 = next(s for s in sources if s.spec.rank == max(s.spec.rank for s in sources))
-        phase_s = phases(r64, layout, args.phase_repeats)
+        phase_s = phases(r64, layout, args.phase_repeats) if args.phase_repeats else {}
     seconds.sort()
     results = {
         "loads": len(seconds), "wall_s": round(wall, 3),

@@ -122,8 +122,8 @@ POLICIES: tuple[str, ...] = ("fcfs", "cluster", "abort", "vtc")
 def default_load_workers() -> int:
     """A quarter of the CPUs this process may use, at least 2 and at most 8. A load is a few
     large copies from the page cache that torch runs without the GIL and spreads over its own
-    intra-op threads, so threads beyond the cores only contend (2 cores: 2 workers load 1.8x
-    as fast as 1, 4 workers slower than 2; see bench/host_load.py)."""
+    intra-op threads, so threads beyond the cores only contend (on 2 shared cores 1, 2 and 4
+    workers load within noise of each other; bench/host_load.py measures it per machine)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return min(8, max(2, (cpus or 8) // 4))
 
