@@ -142,15 +142,20 @@ def header_length(prefix: bytes, file_size: int, name: str) -> int:
     return n
 
 
-def parse_header(header_bytes: bytes, name: str, config: ModelConfig) -> TensorIndex:
-    """The safetensors header JSON's bytes -> TensorIndex; refuses malformed headers."""
+def load_header_json(header_bytes: bytes, name: str) -> dict:
+    """The safetensors header JSON's bytes -> its object (entries not yet checked)."""
     try:
         header = json.loads(header_bytes.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise fail(name, f"cannot read {WEIGHTS_FILE}: header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise fail(name, f"cannot read {WEIGHTS_FILE}: header is not a JSON object")
-    return index_safetensors_header(header, name, config)
+    return header
+
+
+def parse_header(header_bytes: bytes, name: str, config: ModelConfig) -> TensorIndex:
+    """The safetensors header JSON's bytes -> TensorIndex; refuses malformed headers."""
+    return index_safetensors_header(load_header_json(header_bytes, name), name, config)
 
 
 def scale_of(rank: int, alpha: float, rslora: bool) -> float:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from loraplane.engine.adapters import LoraSpec, LoraWeights, read_weights
+from loraplane.engine.adapters import LoraSpec, LoraWeights, read_weights, write_weights
 from loraplane.engine.config import ModelConfig
 
 
@@ -23,6 +23,11 @@ class AdapterSource(ABC):
     @abstractmethod
     def read(self, dtype: torch.dtype) -> LoraWeights:
         """The weights (validated, finite), preferably in `dtype`; raises InvalidAdapterError."""
+
+    def write_pages(self, config: ModelConfig, pages: list[torch.Tensor]) -> None:
+        """The weights laid out over page buffers ([num_layers, page_elems] each, in their
+        dtype) as `LoraWeights.write_pages` does; raises InvalidAdapterError."""
+        self.read(pages[0].dtype).write_pages(config, pages)
 
 
 class FolderSource(AdapterSource):
@@ -41,6 +46,12 @@ class FolderSource(AdapterSource):
     def read(self, dtype: torch.dtype) -> LoraWeights:
         return read_weights(self.folder, self.name, self.config, self.spec,
                             max_rank=self.max_rank, max_bytes=self.max_bytes, dtype=dtype)
+
+    def write_pages(self, config: ModelConfig, pages: list[torch.Tensor],
+                    phases: dict[str, float] | None = None) -> None:
+        """Straight from the file's memory map into the pages (no LoraWeights in between)."""
+        write_weights(self.folder, self.name, self.config, self.spec, pages,
+                      max_rank=self.max_rank, max_bytes=self.max_bytes, phases=phases)
 
 
 class MemorySource(AdapterSource):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from loraplane.engine.adapter_format import (
     CONFIG_FILE,
@@ -15,24 +15,20 @@ from loraplane.engine.adapter_format import (
     PICKLE_SUFFIXES,
     SAFETENSORS_DTYPES,
     WEIGHTS_FILE,
-    TensorIndex,
     check_config,
     check_layout,
     fail,
     header_length,
     parse_config,
     parse_header,
-    parse_key,
     scale_of,
 )
+from loraplane.engine.adapter_reader import check_pages, page_pieces, read_into_pages, zero_tail
 from loraplane.engine.config import ModelConfig
-from loraplane.engine.errors import InvalidAdapterError
 
 __all__ = ["CONFIG_FILE", "PICKLE_SUFFIXES", "WEIGHTS_FILE", "LoraSpec", "LoraWeights",
-           "read_adapter", "read_header", "read_weights", "write_random_adapter"]
-
-# torch dtypes as safetensors names them, to check read tensors like header entries.
-TORCH_TO_SAFETENSORS = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+           "read_adapter", "read_header", "read_weights", "write_random_adapter",
+           "write_weights"]
 
 @dataclass
 class LoraSpec:
@@ -92,23 +88,14 @@ class LoraWeights(LoraSpec):
         copy per piece of a segment on a page and the last page's tail zeroed: no
         intermediate tensor."""
         parts = self._parts(config)
-        pe = pages[0].shape[1]
         total = sum(p.shape[1] for p in parts)
-        if len(pages) != -(-total // pe):
-            raise ValueError(f"{total} elements per layer need {-(-total // pe)} pages, "
-                             f"not {len(pages)}")
-        k = col = 0  # the page being filled and its first free column
+        pe = check_pages(pages, total)
+        start = 0
         for part in parts:
-            src = 0
-            while src < part.shape[1]:
-                n = min(part.shape[1] - src, pe - col)
-                pages[k][:, col:col + n].copy_(part[:, src:src + n])
-                src += n
-                col += n
-                if col == pe:
-                    k, col = k + 1, 0
-        if col:
-            pages[k][:, col:].zero_()
+            for k, col, lo, hi in page_pieces(start, part.shape[1], pe):
+                pages[k][:, col:col + hi - lo].copy_(part[:, lo:hi])
+            start += part.shape[1]
+        zero_tail(pages, total)
 
 
 def _read_config(folder: Path, name: str) -> dict:
@@ -120,10 +107,10 @@ def _read_config(folder: Path, name: str) -> dict:
     return parse_config(path.read_bytes(), name)
 
 
-def read_header(folder: str | Path, name: str, config: ModelConfig, *, max_rank: int,
-                max_bytes: int) -> LoraSpec:
-    """Validate a PEFT LoRA folder from its config and safetensors header alone (no tensor
-    data is read: registering adapters costs metadata only); raise InvalidAdapterError."""
+def _check_folder(folder: str | Path, name: str, max_rank: int,
+                  max_bytes: int) -> tuple[Path, int, int, float, bool]:
+    """(weights file, its size, rank, alpha, use_rslora) of a folder with a safetensors file
+    within the size limit and a supported config; raise InvalidAdapterError."""
     root = Path(folder)
     if not root.is_dir():
         raise fail(name, f"{folder} is not a directory")
@@ -139,6 +126,14 @@ def read_header(folder: str | Path, name: str, config: ModelConfig, *, max_rank:
     if size > max_bytes:
         raise fail(name, f"{WEIGHTS_FILE} is {size} bytes, over the limit of {max_bytes}")
     rank, alpha, rslora = check_config(_read_config(root, name), name, max_rank)
+    return weights, size, rank, alpha, rslora
+
+
+def read_header(folder: str | Path, name: str, config: ModelConfig, *, max_rank: int,
+                max_bytes: int) -> LoraSpec:
+    """Validate a PEFT LoRA folder from its config and safetensors header alone (no tensor
+    data is read: registering adapters costs metadata only); raise InvalidAdapterError."""
+    weights, size, rank, alpha, rslora = _check_folder(folder, name, max_rank, max_bytes)
     try:
         with weights.open("rb") as f:
             n = header_length(f.read(8), size, name)
@@ -150,42 +145,37 @@ def read_header(folder: str | Path, name: str, config: ModelConfig, *, max_rank:
     return LoraSpec(rank=rank, alpha=alpha, scale=scale_of(rank, alpha, rslora), modules=modules)
 
 
+def write_weights(folder: str | Path, name: str, config: ModelConfig, spec: LoraSpec,
+                  pages: list[torch.Tensor], *, max_rank: int, max_bytes: int,
+                  phases: dict[str, float] | None = None) -> None:
+    """Read the tensors of a folder registered with `spec` (checked again: the folder may have
+    changed since) straight into page buffers as `LoraWeights.write_pages` lays them out, in
+    the pages' dtype, checking their values are finite; raise InvalidAdapterError. `phases`:
+    seconds per phase, for benchmarks."""
+    t = time.perf_counter()
+    weights, _, rank, alpha, rslora = _check_folder(folder, name, max_rank, max_bytes)
+    if (rank, alpha, scale_of(rank, alpha, rslora)) != (spec.rank, spec.alpha, spec.scale):
+        raise fail(name, f"{folder} changed since it was registered (rank or alpha)")
+    if phases is not None:
+        phases["config"] = phases.get("config", 0.0) + time.perf_counter() - t
+    # The header is read once, there, from the file the tensors are then mapped from.
+    read_into_pages(weights, name, config, spec.rank, spec.segments(config), spec.scale, pages,
+                    phases)
+
+
 def read_weights(folder: str | Path, name: str, config: ModelConfig, spec: LoraSpec, *,
                  max_rank: int, max_bytes: int,
                  dtype: torch.dtype = torch.float32) -> LoraWeights:
-    """Read the tensors of a folder registered with `spec` (checked again: the folder may have
-    changed since), check their values are finite, and hold them in `dtype`; raise
-    InvalidAdapterError."""
-    if read_header(folder, name, config, max_rank=max_rank, max_bytes=max_bytes) != spec:
-        raise fail(name, f"{folder} changed since it was registered (rank, alpha or modules)")
-    tensors: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    try:
-        with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                layer, module, ab = parse_key(key, name, config)
-                tensors.setdefault((module, ab), {})[layer] = f.get_tensor(key)
-    except InvalidAdapterError:
-        raise
-    except Exception as e:  # a truncated file or a header that changed under us
-        raise fail(name, f"cannot read {WEIGHTS_FILE}: {e}") from None
-    index: TensorIndex = {k: {layer: (TORCH_TO_SAFETENSORS.get(t.dtype, str(t.dtype)),
-                                      tuple(t.shape)) for layer, t in v.items()}
-                          for k, v in tensors.items()}
-    check_layout(index, spec.rank, config, name, SAFETENSORS_DTYPES)
+    """`write_weights` into one page as wide as a layer's weights, held as LoraWeights (its A
+    and B^T are views of that page); raise InvalidAdapterError."""
+    flat = torch.empty(config.num_layers, spec.elems_per_layer(config), dtype=dtype)
+    write_weights(folder, name, config, spec, [flat], max_rank=max_rank, max_bytes=max_bytes)
     out = LoraWeights(rank=spec.rank, alpha=spec.alpha, scale=spec.scale, modules=spec.modules)
-    for m in spec.modules:
-        # One check per stacked module (few torch calls: this runs on a loader thread that
-        # shares the GIL with the engine), the culprit looked for only on failure.
-        a = torch.stack([tensors[(m, "A")][i] for i in range(config.num_layers)]).to(dtype)
-        b = torch.stack([tensors[(m, "B")][i] for i in range(config.num_layers)]).to(dtype)
-        for ab, stacked in (("A", a), ("B", b)):
-            if not torch.isfinite(stacked).all():
-                layer = next(i for i, t in enumerate(stacked) if not torch.isfinite(t).all())
-                where = f"layers.{layer}.{MODULE_PARENT[m]}.{m}.lora_{ab}"
-                raise fail(name, f"{where} holds NaN or infinite values")
-        out.a[m] = a.contiguous()  # [L, r, in]
-        # [L, r, out], scale folded in (computed in float32 for half dtypes, then rounded once)
-        out.bt[m] = (b.transpose(1, 2) * spec.scale).contiguous()
+    start = 0
+    for m, kind, n in spec.segments(config):
+        view = flat[:, start:start + n].unflatten(1, (spec.rank, -1))
+        (out.a if kind == "a" else out.bt)[m] = view  # [L, r, in] or [L, r, out]
+        start += n
     return out
 
 

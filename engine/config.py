@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 # The seven projections LoRA may target, in the order the pool lays them out.
@@ -118,6 +119,15 @@ NAMED_SHAPES: dict[str, ModelConfig] = {
 POLICIES: tuple[str, ...] = ("fcfs", "cluster", "abort", "vtc")
 
 
+def default_load_workers() -> int:
+    """A quarter of the CPUs this process may use, at least 2 and at most 8. A load is a few
+    large copies from the page cache that torch runs without the GIL and spreads over its own
+    intra-op threads, so threads beyond the cores only contend (on 2 shared cores 1, 2 and 4
+    workers load within noise of each other; bench/host_load.py measures it per machine)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(8, max(2, (cpus or 8) // 4))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Knobs of the engine: memory, batching and limits."""
@@ -159,5 +169,5 @@ class EngineConfig:
     host_cache_bytes: int = 8 << 30
     # Bring the queue's next adapters and popular ones to host RAM and the GPU ahead of use.
     prefetch: bool = True
-    # Threads reading adapters from their source into host RAM.
-    adapter_load_workers: int = 4
+    # Threads reading adapters from their source into host RAM (bench/host_load.py).
+    adapter_load_workers: int = default_load_workers()

@@ -235,8 +235,7 @@ class HostTier(Generic[K]):
         """Read and lay out into the blocks in pool order and dtype (runs on a worker thread
         when blocking); returns the seconds it took."""
         t = time.monotonic()
-        weights = source.read(self.dtype)
-        weights.write_pages(self.config, [page for run in self._runs(blocks) for page in run])
+        source.write_pages(self.config, [page for run in self._runs(blocks) for page in run])
         return time.monotonic() - t
 
     def poll(self) -> list[tuple[K, InvalidAdapterError | None]]:

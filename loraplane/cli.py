@@ -98,18 +98,27 @@ def policy_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_tier_args(p: argparse.ArgumentParser) -> None:
-    """--host-cache-memory and --no-prefetch (engine, serve and bench)."""
+    """--host-cache-memory, --no-prefetch and --adapter-load-workers (engine, serve and bench)."""
+    from loraplane.engine.config import EngineConfig
+
     p.add_argument("--host-cache-memory", type=float, default=None, metavar="GIB",
                    help="GiB of host RAM for adapter weights, least recently used out "
                         "(default 8); adapters beyond it are read from their folder when needed")
     p.add_argument("--no-prefetch", action="store_true",
                    help="load adapters only when their request is admitted (no prefetch from "
                         "the queue and popularity)")
+    workers = EngineConfig.adapter_load_workers
+    p.add_argument("--adapter-load-workers", type=int, default=workers, metavar="N",
+                   help=f"threads reading adapters from their folders into host RAM (default "
+                        f"{workers} here: a quarter of the CPUs, at least 2 and at most 8)")
 
 
 def tier_config(args: argparse.Namespace) -> dict[str, Any]:
     """EngineConfig fields of the tier arguments; a bad value exits with a message."""
-    out: dict[str, Any] = {"prefetch": not args.no_prefetch}
+    if args.adapter_load_workers < 1:
+        raise SystemExit("--adapter-load-workers must be positive")
+    out: dict[str, Any] = {"prefetch": not args.no_prefetch,
+                           "adapter_load_workers": args.adapter_load_workers}
     if args.host_cache_memory is not None:
         if not args.host_cache_memory > 0:
             raise SystemExit("--host-cache-memory must be positive")

@@ -301,7 +301,7 @@ def record_of(args: argparse.Namespace, cfg: EngineConfig, model_spec: str, dtyp
             else None,
             "adapter_source": args.adapter_source if sets is not None else None,
             "host_cache_gib": round(cfg.host_cache_bytes / 2**30, 6),
-            "prefetch": cfg.prefetch,
+            "prefetch": cfg.prefetch, "adapter_load_workers": cfg.adapter_load_workers,
             "weight_sets_per_rank": args.sets_per_rank if sets is not None else None,
             "adapter_host_gib": round(sets.host_bytes / 2**30, 3) if sets is not None else 0,
             "num_requests": args.num_requests, "saturate": args.saturate, "rate": args.rate,
