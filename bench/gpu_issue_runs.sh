@@ -23,6 +23,9 @@
 #                      (cv by cv, both policies), so a cut-short run keeps the pairs it finished
 #   x2b    (two H200): tiers2 then bench/fused_check.py on GPU 0; policy2 then S2 at
 #                      saturation with 0 and 1,000 adapters on GPU 1
+#   verify (two H200): TP graphs check, then tier runs (GPU 0) beside a short policy sweep and
+#                      S2 at saturation with 0 and 1,000 adapters (GPU 1): the first call of a
+#                      session after the changes of 2026-11-30 16:50-17:30 UTC
 # Every run's output also goes to OUT_DIR/runs-gpuN.log (a run cut short by the device's time
 # limit still leaves its log; the summary lines alone reach the terminal).
 part=${1:?part}; out=${2:?out dir}
@@ -87,6 +90,17 @@ x2b)  # two H200 at once: tier runs then the fused-layer check on GPU 0; the pol
   ) > /tmp/gpu1.log 2>&1 &
   wait
   grep -h -v -e '^ *$' /tmp/gpu0.log /tmp/gpu1.log | grep -v -e "^date" -e "^engine:" | tail -60 ;;
+verify)  # two H200, ~9.5 min: what this code changed since the last GPU runs, first thing
+  # TP graphs with the fused layers (never run together on a GPU yet)
+  timeout 150 python3 bench/tp_graph_check.py --tp 2 --out "$out" 2>&1 \
+    | tee "$out/tp-graph-check.log" | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
+  (export CUDA_VISIBLE_DEVICES=0; tiers_sat 95) &  # host tier pinned up front, new loader
+  (export CUDA_VISIBLE_DEVICES=1
+   bench 230 --setting S2 --num-adapters 100 --num-requests 240 --rate 30 \
+     --scheduling-policy fcfs abort --cv-sweep 1 4   # the abort estimate's measured rate
+   for n in 0 1000; do bench 75 --setting S2 --num-adapters $n --num-requests 200 --saturate; done
+  ) &
+  wait ;;
 x2)
   bash "$0" tp "$out"
   (export CUDA_VISIBLE_DEVICES=0; tiers_sat 60 > /tmp/tiers.log 2>&1) &
