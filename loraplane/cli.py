@@ -52,6 +52,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, default=256, help="refuse adapters above this")
     add_policy_args(p)
     add_tier_args(p)
+    add_gpu_path_args(p)
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="shard the model and the adapters over N GPUs (N processes: this one "
                         "and N-1 workers it starts; gloo on CPU); default 1")
@@ -126,6 +127,20 @@ def tier_config(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def add_gpu_path_args(p: argparse.ArgumentParser) -> None:
+    """Switches of the CUDA fast paths (engine, serve and bench): for debugging and comparison."""
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run every decode step eagerly instead of replaying CUDA graphs")
+    p.add_argument("--no-fused-layers", action="store_true",
+                   help="keep the unfused decoder layers on CUDA (separate q, k, v and gate, up "
+                        "GEMMs, norms and residual adds)")
+
+
+def gpu_path_config(args: argparse.Namespace) -> dict[str, Any]:
+    """EngineConfig fields of the CUDA fast-path switches."""
+    return {"cuda_graphs": not args.no_cuda_graphs, "fused_layers": not args.no_fused_layers}
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     _engine_args(p)
     p.add_argument("--tenants", type=Path, default=None, metavar="FILE",
@@ -151,6 +166,7 @@ def _run_engine_server(args: argparse.Namespace) -> int:
         adapter_roots=tuple(args.allowed_adapter_dir),
         **policy_config(args),
         **tier_config(args),
+        **gpu_path_config(args),
     )
     try:
         engine = build_engine(args.model, tensor_parallel_size=args.tensor_parallel_size,

@@ -15,7 +15,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraplane.cli import add_policy_args, add_tier_args, policy_config, tier_config
+from loraplane.cli import (
+    add_gpu_path_args,
+    add_policy_args,
+    add_tier_args,
+    gpu_path_config,
+    policy_config,
+    tier_config,
+)
 from loraplane.engine.bench.workload import SETTINGS, WorkloadSpec, adapter_ranks, make_trace
 from loraplane.engine.config import LORA_MODULES, EngineConfig
 from loraplane.engine.distributed.lora_op import SKIP_COLLECTIVES_ENV
@@ -84,11 +91,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_policy_args(p, several=True, slo_aliases=("--slo",))
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="shard the model and adapters over N GPUs (gloo ranks on CPU)")
-    p.add_argument("--no-cuda-graphs", action="store_true",
-                   help="run decode steps eagerly (tensor-parallel steps always do)")
-    p.add_argument("--no-fused-layers", action="store_true",
-                   help="keep the unfused decoder layers on CUDA (separate q, k, v and gate, up "
-                        "GEMMs, norms and adds)")
+    add_gpu_path_args(p)
     p.add_argument("--baseline", default="none", choices=["none", "peft"],
                    help="peft: also run the same requests through HF transformers + PEFT")
     p.add_argument("--peft-batch-size", type=int, default=32,
@@ -173,9 +176,7 @@ def run(args: argparse.Namespace) -> int:
         pool_bytes=int(args.pool_memory * 2**30) if args.pool_memory else None,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_lora_rank=args.max_lora_rank, max_waiting=max(4096, args.num_requests),
-        seed=args.seed, cuda_graphs=not args.no_cuda_graphs,
-        fused_layers=not args.no_fused_layers, **policy_config(args),
-        **tier_config(args))
+        seed=args.seed, **policy_config(args), **tier_config(args), **gpu_path_config(args))
     t = time.monotonic()
     try:
         engine = build_engine(model_spec, tensor_parallel_size=args.tensor_parallel_size,
