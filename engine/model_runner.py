@@ -59,12 +59,12 @@ class ModelRunner:
             graph = self.graphs.plan(seqs, segments)
             if graph is not None:
                 if self.before_forward is not None:
-                    ids, _, slices, _, _ = step_rows(seqs, nums)
+                    ids, slices, _, _ = step_rows(seqs, nums)
                     self.before_forward(ids, slices, segments, graph)
                 logits = self.graphs.run(seqs, segments, graph)
                 assert logits is not None
                 return seqs, sample(logits, seqs), logits
-        ids, positions, slices, sample_rows, samplers = step_rows(seqs, nums)
+        ids, slices, sample_rows, samplers = step_rows(seqs, nums)
         if self.before_forward is not None:
             self.before_forward(ids, slices, segments, None)
         dev = self.device
@@ -72,7 +72,7 @@ class ModelRunner:
         self.lora.batch = self.lora.op.prepare(segments)
         try:
             hidden = self.model(torch.tensor(ids).to(dev, non_blocking=True),
-                                torch.cat(positions).to(dev, non_blocking=True), self.pool, meta)
+                                positions_of(slices).to(dev, non_blocking=True), self.pool, meta)
         finally:
             self.lora.batch = self.lora.op.prepare([])
         if not samplers:
@@ -82,23 +82,26 @@ class ModelRunner:
 
 
 def step_rows(seqs: list[Sequence], nums: list[int]) -> tuple[
-        list[int], list[torch.Tensor], list[SeqSlice], list[int], list[Sequence]]:
-    """The step's token ids, positions (one tensor per sequence), slices, the rows whose
-    logits are sampled, and their sequences (those whose step reaches their last token)."""
+        list[int], list[SeqSlice], list[int], list[Sequence]]:
+    """The step's token ids, slices, the rows whose logits are sampled, and their sequences
+    (those whose step reaches their last token)."""
     ids: list[int] = []
-    positions: list[torch.Tensor] = []
     slices: list[SeqSlice] = []
     sample_rows: list[int] = []
     samplers: list[Sequence] = []
     for seq, n in zip(seqs, nums, strict=True):
         start, end, row = seq.num_computed, seq.num_computed + n, len(ids)
         ids.extend(seq.ids_between(start, end))
-        positions.append(torch.arange(start, end))
         slices.append(SeqSlice(row, n, end, seq.block_table))
         if end == seq.num_tokens:
             sample_rows.append(row + n - 1)
             samplers.append(seq)
-    return ids, positions, slices, sample_rows, samplers
+    return ids, slices, sample_rows, samplers
+
+
+def positions_of(slices: list[SeqSlice]) -> torch.Tensor:
+    """[T] int64 position of every row of the step's slices (host tensor)."""
+    return torch.cat([torch.arange(s.context_len - s.num_new, s.context_len) for s in slices])
 
 
 def lora_segments(seqs: list[Sequence], nums: list[int]) -> list[LoraSegment]:

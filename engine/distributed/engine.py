@@ -53,6 +53,7 @@ from loraplane.engine.engine import EngineParts, LLMEngine, resolve_device, reso
 from loraplane.engine.errors import EngineDeadError, EngineError
 from loraplane.engine.lora.ops import LoraSegment
 from loraplane.engine.memory_pool import PoolLayout
+from loraplane.engine.model_runner import positions_of
 from loraplane.engine.models.llama import LlamaModel, build_model
 from loraplane.engine.models.loader import LoadedModel, load_model
 from loraplane.engine.outputs import AdapterInfo, RequestOutput
@@ -337,12 +338,11 @@ class TensorParallelEngine(LLMEngine):
                                    [s.block_table for s in msg.slices], segments)
             return
         dev = runner.device
-        positions = torch.cat([torch.arange(s.context_len - s.num_new, s.context_len)
-                               for s in msg.slices])
         meta = runner.attention.build(msg.slices, runner.block_size, dev)
         self.lora.batch = self.lora.op.prepare(segments)
         try:
-            self.model(torch.tensor(msg.ids).to(dev), positions.to(dev), self.pool, meta)
+            self.model(torch.tensor(msg.ids).to(dev), positions_of(msg.slices).to(dev), self.pool,
+                       meta)
         finally:
             self.lora.batch = self.lora.op.prepare([])
 
