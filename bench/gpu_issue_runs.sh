@@ -23,6 +23,8 @@
 #                      (cv by cv, both policies), so a cut-short run keeps the pairs it finished
 #   x2b    (two H200): tiers2 then bench/fused_check.py on GPU 0; policy2 then S2 at
 #                      saturation with 0 and 1,000 adapters on GPU 1
+#   s2prof (two H200): S2 saturation ratios (0/1,000, 5/2,000 adapters), a profiled S2 run,
+#                      tier runs at alpha 1 and the LoRA kernel bench
 #   verify (two H200): TP graphs check, then tier runs (GPU 0) beside a short policy sweep and
 #                      S2 at saturation with 0 and 1,000 adapters (GPU 1): the first call of a
 #                      session after the changes of 2026-11-30 16:50-17:30 UTC
@@ -99,6 +101,23 @@ verify)  # two H200, ~9.5 min: what this code changed since the last GPU runs, f
    bench 230 --setting S2 --num-adapters 100 --num-requests 240 --rate 30 \
      --scheduling-policy fcfs abort --cv-sweep 1 4   # the abort estimate's measured rate
    for n in 0 1000; do bench 75 --setting S2 --num-adapters $n --num-requests 200 --saturate; done
+  ) &
+  wait ;;
+s2prof)  # two H200, ~6 min: S2 ratios with loads off the engine thread (GPU 0); a profiled
+         # S2 1,000-adapter run, prefetch on/off at alpha 1 and the LoRA kernel bench (GPU 1)
+  (export CUDA_VISIBLE_DEVICES=0
+   for n in 0 1000 5 2000; do
+     bench 95 --setting S2 --num-adapters $n --num-requests 200 --saturate
+   done) &
+  (export CUDA_VISIBLE_DEVICES=1
+   bench 100 --setting S2 --num-adapters 1000 --num-requests 200 --saturate --profile-steps 150 60 \
+     --out "$out/profiled"
+   for pf in "" --no-prefetch; do
+     bench 95 --setting S2 --num-adapters 2000 --alpha 1 --adapter-source disk \
+       --host-cache-memory 16 --pool-memory 40 --saturate --num-requests 120 $pf
+   done
+   timeout 90 python3 bench/kernels/lora_bench.py --batch 16 64 --ranks 16 64 --out "$out" 2>&1 \
+     | grep -v -i warn | tail -12
   ) &
   wait ;;
 x2)

@@ -40,12 +40,6 @@ RANKS = (8, 16, 32, 64)
 BLOCK_SIZE = 16
 
 
-class LoaderSource(MemorySource):
-    """Weights in memory read on a loader thread, as a folder's are."""
-
-    blocking = True
-
-
 def weights(rank: int, seed: int) -> LoraWeights:
     return random_lora_weights(CONFIG, rank, MODULES, seed=seed)
 
@@ -80,7 +74,8 @@ def run(num_adapters: int, alpha: float, live: int, steps: int, seed: int,
     cfg = EngineConfig(block_size=BLOCK_SIZE, max_num_seqs=64, max_num_batched_tokens=2048,
                        scheduling_policy="fcfs")
     sched = Scheduler(cfg, pool, cache)
-    ads = [cache.add(f"a{i}", "", LoaderSource(sets[i % len(sets)])) for i in range(num_adapters)]
+    ads = [cache.add(f"a{i}", "", MemorySource(sets[i % len(sets)], threaded=True))
+           for i in range(num_adapters)]
     timers = {name: Timed(getattr(cache, name))
               for name in ("prefetch", "acquire", "note_request", "start_copy")}
     for name, timer in timers.items():

@@ -55,13 +55,18 @@ class FolderSource(AdapterSource):
 
 
 class MemorySource(AdapterSource):
-    """Weights a caller already holds (benchmarks, tests): no I/O, read on the engine thread."""
+    """Weights a caller already holds (benchmarks, tests): no I/O. Laid out into the host tier
+    on the engine thread by default (tests see it loaded at once); `threaded` moves that copy to
+    a loader thread, as a real source's read, so that a benchmark's engine thread does not stall
+    on hundreds of megabytes of copies between steps."""
 
     blocking = False
 
-    def __init__(self, weights: LoraWeights) -> None:
+    def __init__(self, weights: LoraWeights, *, threaded: bool = False) -> None:
         super().__init__(weights)
         self.weights = weights
+        if threaded:
+            self.blocking = True
 
     def read(self, dtype: torch.dtype) -> LoraWeights:
         return self.weights

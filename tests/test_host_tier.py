@@ -38,10 +38,8 @@ def pages_of(w: LoraWeights) -> int:
 class Threaded(MemorySource):
     """In-memory weights read on a loader thread (as a folder's are), or failing there."""
 
-    blocking = True
-
     def __init__(self, weights: LoraWeights, fail: bool = False) -> None:
-        super().__init__(weights)
+        super().__init__(weights, threaded=True)
         self.fail = fail
 
     def read(self, dtype: torch.dtype) -> LoraWeights:

@@ -26,7 +26,7 @@ from loraplane.cli import (
 from loraplane.engine.bench.workload import SETTINGS, WorkloadSpec, adapter_ranks, make_trace
 from loraplane.engine.config import LORA_MODULES, EngineConfig
 from loraplane.engine.distributed.lora_op import SKIP_COLLECTIVES_ENV
-from loraplane.engine.kernels.common import compiled_variants
+from loraplane.engine.kernels.common import compiled_variants, new_variants
 
 if TYPE_CHECKING:
     from loraplane.engine.outputs import EngineStats
@@ -96,6 +96,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="peft: also run the same requests through HF transformers + PEFT")
     p.add_argument("--peft-batch-size", type=int, default=32,
                    help="requests per generate() call of the PEFT baseline")
+    p.add_argument("--profile-steps", type=int, nargs=2, default=None, metavar=("FIRST", "N"),
+                   help="run torch.profiler over steps FIRST..FIRST+N-1 of the first replay and "
+                        "write kernel and host-time tables next to the JSON (those steps' "
+                        "timings then include the profiler's overhead)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON folder")
     p.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"])
@@ -154,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         register,
         register_folders,
     )
-    from loraplane.engine.bench.driver import replay, warm_up
+    from loraplane.engine.bench.driver import StepProfile, replay, warm_up
     from loraplane.engine.bench.metrics import decode_steps, summarize
     from loraplane.engine.distributed.engine import build_engine, close_engine
     from loraplane.engine.policies import make_policy
@@ -222,7 +226,14 @@ def run(args: argparse.Namespace) -> int:
             engine.adapters.drop_idle()
             before = tier_results(engine.stats())
             variants = compiled_variants()
-            played = replay(engine, traces[cv], names, saturate=args.saturate, seed=args.seed)
+            profile = None
+            if args.profile_steps and (policy, cv) == runs[0]:
+                profile = StepProfile(args.out / f"profile-{args.setting}-n{args.num_adapters}-"
+                                      f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M}.txt",
+                                      *args.profile_steps)
+            played = replay(engine, traces[cv], names, saturate=args.saturate, seed=args.seed,
+                            profile=profile)
+            compiled = new_variants(variants, compiled_variants())
             stats = engine.stats()
             key = "loraplane" if len(runs) == 1 else f"{policy} cv={cv:g}"
             results[key] = {
@@ -231,8 +242,8 @@ def run(args: argparse.Namespace) -> int:
                 **tier_deltas(before, tier_results(stats)),
                 "preemptions": played.preemptions,
                 # Triton kernels compiled during the timed replay (the warm-up missed them).
-                "kernel_compiles": None if variants is None
-                else (compiled_variants() or 0) - variants,
+                "kernel_compiles": None if compiled is None else sum(compiled.values()),
+                "kernel_compiles_by_kernel": compiled,
                 "adapters_resident_at_end": stats.adapters_resident,
                 "adapters_host_at_end": stats.adapters_host,
                 "pool_pages": stats.pool_pages_total, "page_bytes": stats.page_bytes}

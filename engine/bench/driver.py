@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -83,10 +84,57 @@ def warm_up(engine: LLMEngine, sets: WeightSets | None, seed: int) -> None:
     _sync(engine)
 
 
+class StepProfile:
+    """torch.profiler over steps [first, first + count) of a replay: where a step's time goes
+    (kernels by device time, host work by CPU time), written as text tables to `path`."""
+
+    def __init__(self, path: Path, first: int, count: int) -> None:
+        self.path, self.first, self.count = path, first, count
+        self._prof: torch.profiler.profile | None = None
+        self._steps: list[tuple[float, int, bool]] = []
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self._prof = torch.profiler.profile(activities=acts)
+            self._prof.__enter__()
+
+    def after(self, step: int, record: tuple[float, int, bool]) -> None:
+        if self._prof is None:
+            return
+        self._steps.append(record)
+        if step == self.first + self.count - 1:
+            self.finish()
+
+    def finish(self) -> None:
+        """Stop and write (also when the replay ends inside the window)."""
+        prof, self._prof = self._prof, None
+        if prof is None:
+            return
+        prof.__exit__(None, None, None)
+        avg = prof.key_averages()
+        decode = [s for s, _, d in self._steps if d]
+        other = [s for s, _, d in self._steps if not d]
+        head = (f"{len(self._steps)} steps from step {self.first}: {len(decode)} pure decode "
+                f"({sum(decode):.3f} s), {len(other)} other ({sum(other):.3f} s); rows "
+                f"{[n for _, n, _ in self._steps]}\n")
+        device_key = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        tables = [avg.table(sort_by=device_key, row_limit=45, max_name_column_width=70),
+                  avg.table(sort_by="self_cpu_time_total", row_limit=30,
+                            max_name_column_width=70)]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(head + "\n\n".join(tables))
+        log.warning("profile of %d steps -> %s", len(self._steps), self.path)
+
+
 def replay(engine: LLMEngine, trace: list[Request], names: list[str], *, saturate: bool,
-           seed: int) -> Replay:
+           seed: int, profile: StepProfile | None = None) -> Replay:
     """Add each request when its arrival time passes (all at once when saturate), step the
-    engine until every request has finished, and record arrival, first token and finish."""
+    engine until every request has finished, and record arrival, first token and finish;
+    `profile` runs the profiler over a window of steps (its timings are then not the
+    engine's own)."""
     vocab = engine.config.vocab_size
     prompts = [prompt_ids(r, vocab, seed) for r in trace]
     params = [params_for(r) for r in trace]
@@ -110,6 +158,8 @@ def replay(engine: LLMEngine, trace: list[Request], names: list[str], *, saturat
             time.sleep(max(0.0, min(records[nxt].arrival - time.monotonic(), 0.05)))
             continue
         running, waiting = len(sched.running), len(sched.waiting)
+        if profile is not None:
+            profile.before(len(steps))
         start = time.monotonic()
         outputs = engine.step()
         end = time.monotonic()
@@ -118,6 +168,8 @@ def replay(engine: LLMEngine, trace: list[Request], names: list[str], *, saturat
         all_decode = (len(outputs) == running > 0 and len(sched.waiting) == waiting
                       and all(o.completion_tokens > 1 for o in outputs))
         steps.append((end - start, len(outputs), all_decode))
+        if profile is not None:
+            profile.after(len(steps) - 1, steps[-1])
         for out in outputs:
             if out.finished:
                 i = int(out.request_id)
@@ -130,4 +182,6 @@ def replay(engine: LLMEngine, trace: list[Request], names: list[str], *, saturat
                 rec.refused = out.error is not None
                 bar.update(1)
     bar.close()
+    if profile is not None:
+        profile.finish()
     return Replay(records, steps, sched.num_preemptions - preempted_before)

@@ -10,11 +10,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def compiled_variants() -> int | None:
-    """How many compiled variants (specializations) of this package's Triton kernels exist in
-    this process, or None where Triton's JIT keeps no per-device cache (the interpreter, other
-    versions). A benchmark compares it before and after its timed part: a compile there (seconds
-    each) is a start-up cost that was timed as serving."""
+def compiled_variants() -> dict[str, int] | None:
+    """Compiled variants (specializations) of each of this package's Triton kernels in this
+    process, by kernel name, or None where Triton's JIT keeps no per-device cache (the
+    interpreter, other versions). A benchmark compares them before and after its timed part:
+    a compile there (up to seconds each) is a start-up cost that was timed as serving."""
     import importlib
     import pkgutil
 
@@ -22,15 +22,24 @@ def compiled_variants() -> int | None:
 
     from loraplane.engine import kernels
 
-    total = 0
+    counts: dict[str, int] = {}
     for info in pkgutil.iter_modules(kernels.__path__):
         module = importlib.import_module(f"{kernels.__name__}.{info.name}")
-        for obj in vars(module).values():
+        for name, obj in vars(module).items():
             caches = getattr(obj, "device_caches", None)
             if not isinstance(obj, triton.runtime.JITFunction) or caches is None:
                 continue
             for entry in caches.values():
                 if not isinstance(entry, tuple) or not isinstance(entry[0], dict):
                     return None
-                total += len(entry[0])
-    return total
+                key = f"{info.name}.{name}"
+                counts[key] = counts.get(key, 0) + len(entry[0])
+    return counts
+
+
+def new_variants(before: dict[str, int] | None,
+                 after: dict[str, int] | None) -> dict[str, int] | None:
+    """Variants compiled between two compiled_variants() readings, by kernel (nonzero only)."""
+    if before is None or after is None:
+        return None
+    return {k: n - before.get(k, 0) for k, n in sorted(after.items()) if n > before.get(k, 0)}
