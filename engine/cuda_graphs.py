@@ -5,7 +5,9 @@ than the GPU work at small batch. A graph replays them in one launch. Every inpu
 reads lives in a static buffer refilled before replay: token ids, positions, KV slots, block
 tables and context lengths in one int32 buffer (`DecodeInputs`; padding rows get length 0 and
 write their K/V to a scratch page), and the LoRA kernels' metadata (padding tiles point at a
-rank-0 segment).
+rank-0 segment). A LoRA graph launches the LoRA kernels only for the projections its key names
+(the step's adapters' modules): S-LoRA's q,k,v,o adapters leave gate, up and down without the
+five launches a layer that would find nothing to do.
 """
 
 from __future__ import annotations
@@ -21,14 +23,23 @@ from loraplane.engine.attention import TritonAttention
 from loraplane.engine.config import LORA_MODULES, ModelConfig
 from loraplane.engine.decode_inputs import DecodeInputs
 from loraplane.engine.lora.layers import LoraState
-from loraplane.engine.lora.ops import LoraBatch, LoraSegment
+from loraplane.engine.lora.ops import LoraBatch, LoraSegment, targeted_modules
 from loraplane.engine.memory_pool import KV, DevicePool
 from loraplane.engine.models.llama import LlamaModel
 from loraplane.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
-GraphKey = tuple[int, int]  # (rows of the bucket, LoRA rank cap; 0: no LoRA)
+# (rows of the bucket, LoRA rank cap (0: no LoRA), bit i set: LORA_MODULES[i] gets LoRA)
+GraphKey = tuple[int, int, int]
+
+
+def module_mask(modules: frozenset[str]) -> int:
+    return sum(1 << i for i, m in enumerate(LORA_MODULES) if m in modules)
+
+
+def mask_modules(mask: int) -> frozenset[str]:
+    return frozenset(m for i, m in enumerate(LORA_MODULES) if mask >> i & 1)
 
 
 class GraphLoraMeta(Protocol):
@@ -79,20 +90,22 @@ class DecodeGraphs:
         `rank`: the LoRA kernels' rank tiles and buffers fit it instead of the engine's maximum."""
         return min(max(16, 1 << (rank - 1).bit_length()), self.max_rank)
 
-    def capture_all(self, max_rank: int = 0) -> int:
+    def capture_all(self, max_rank: int = 0,
+                    modules: frozenset[str] = frozenset(LORA_MODULES)) -> int:
         """Capture now, instead of on first use, every bucket's graph without LoRA and for each
-        rank class up to `max_rank` (a warm-up, so no step pays for a capture); returns how many
-        graphs exist."""
-        caps = [0]
+        rank class up to `max_rank` with LoRA on `modules` (a warm-up, so no step pays for a
+        capture); returns how many graphs exist."""
+        keys = [(0, 0)]
         if max_rank:
-            caps += sorted({self.rank_class(r) for r in (16, 32, 64, 128, 256, max_rank)
-                            if r <= self.rank_class(max_rank)})
+            keys += [(cap, module_mask(modules)) for cap in sorted(
+                {self.rank_class(r) for r in (16, 32, 64, 128, 256, max_rank)
+                 if r <= self.rank_class(max_rank)})]
         for b in self.buckets:
-            for cap in caps:
-                if (b, cap) not in self.graphs:
+            for cap, mask in keys:
+                if (b, cap, mask) not in self.graphs:
                     if self.announce is not None:
-                        self.announce((b, cap))
-                    self.graph((b, cap))
+                        self.announce((b, cap, mask))
+                    self.graph((b, cap, mask))
         return len(self.graphs)
 
     def graph(self, key: GraphKey) -> _Graph:
@@ -102,7 +115,7 @@ class DecodeGraphs:
             g = self.graphs[key] = self._capture(*key)
         return g
 
-    def _capture(self, rows: int, rank_cap: int) -> _Graph:
+    def _capture(self, rows: int, rank_cap: int, mask: int) -> _Graph:
         dev = self.pool.data.device
         inputs = DecodeInputs(rows, self.max_blocks, self.block_size, self.scratch_slot, dev)
         ids, positions = inputs.ids, inputs.positions
@@ -121,7 +134,8 @@ class DecodeGraphs:
             static = op.static_meta(rows, rank_cap,  # type: ignore[attr-defined]
                                     self.chunks_per_rank)
             # A placeholder segment keeps the LoRA branch in the captured graph.
-            self.lora.batch = LoraBatch([LoraSegment(0, 0, None)], static.meta)  # type: ignore[arg-type]
+            self.lora.batch = LoraBatch([LoraSegment(0, 0, None)],  # type: ignore[arg-type]
+                                        static.meta, mask_modules(mask))
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -137,22 +151,25 @@ class DecodeGraphs:
                 logits = self.model.logits(self.model(ids, positions, self.pool, attn))
         finally:
             self.lora.batch = LoraBatch([])
-        log.info("captured a decode graph for %d rows (LoRA rank cap %d)", rows, rank_cap)
+        log.info("captured a decode graph for %d rows (LoRA rank cap %d, modules %s)", rows,
+                 rank_cap, ",".join(sorted(mask_modules(mask))) if rank_cap else "-")
         return _Graph(graph, inputs, static, logits)
 
     def plan(self, seqs: list[Sequence], segments: list[LoraSegment]) -> GraphKey | None:
         """The key of the graph that serves a decode step of `seqs` (the smallest bucket that
-        fits, the rank class of its top rank), or None if no graph fits the step."""
+        fits, the rank class of its top rank, its adapters' modules), or None if no graph fits
+        the step."""
         b = self.bucket(len(seqs))
         if b is None or any(len(s.block_table) > self.max_blocks for s in seqs):
             return None
-        rank_cap = 0
+        rank_cap = mask = 0
         if segments:
             top = max(s.adapter.rank for s in segments)
             if top > self.max_rank:
                 return None
             rank_cap = self.rank_class(top)
-        return b, rank_cap
+            mask = module_mask(targeted_modules(segments))
+        return b, rank_cap, mask
 
     def run(self, seqs: list[Sequence], segments: list[LoraSegment],
             key: GraphKey | None = None) -> torch.Tensor | None:

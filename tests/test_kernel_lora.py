@@ -156,3 +156,67 @@ def test_triton_op_shares_one_shrink_per_group() -> None:
             torch_op.apply(x, y1, layer, m, b_torch)
             triton_op.apply(x, y2, layer, m, b_triton)
             torch.testing.assert_close(y2, y1, atol=1e-3, rtol=1e-4)
+
+
+def test_untargeted_projections_launch_nothing() -> None:
+    """Adapters on q and v only: the batch names those two, the wrapped projections of the
+    others never call the op, and the shrink of q,k,v covers q and v alone."""
+    from loraplane.engine.lora.layers import apply_lora
+    from loraplane.engine.models.llama import build_model
+
+    cfg = NAMED_SHAPES["tiny"]
+    gen = torch.Generator().manual_seed(3)
+    pool = DevicePool(PoolLayout.for_model(cfg, 4), 200, torch.float32, torch.device("cpu"))
+    cache = AdapterCache(pool, cfg)
+    a = cache.add("qv", "", random_weights(cfg, 8, ("q_proj", "v_proj"), gen))
+    assert cache.acquire(a)
+    op = TritonLoraOp(pool)
+    calls: list[str] = []
+    apply = op.apply
+
+    def counting_apply(x, y, layer, module, batch):  # type: ignore[no-untyped-def]
+        calls.append(module)
+        apply(x, y, layer, module, batch)
+
+    model = build_model(cfg, None, 64, torch.float32, torch.device("cpu"))
+    state = apply_lora(model, op)
+    op.apply = counting_apply  # type: ignore[method-assign]
+    state.batch = op.prepare([LoraSegment(0, 3, a)])
+    assert state.batch.modules == {"q_proj", "v_proj"}
+    x = torch.randn(3, cfg.hidden_size, generator=gen)
+    attn = model.layers[0].self_attn
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+        proj(x)
+    assert calls == ["q_proj", "v_proj"]
+    g = op._group_shrink(x, 0, "q_proj", state.batch)
+    assert g.group == ("q_proj", "v_proj") and g.s.shape == (3, 2 * 8)
+
+
+@pytest.mark.parametrize("cfg", [NAMED_SHAPES["tiny"], ODD], ids=lambda c: c.name)
+def test_group_expand_matches_each_module(cfg: ModelConfig) -> None:
+    """q, k, v expanded in one launch into column blocks of one output (GQA widths in ODD)
+    add what three launches add; columns outside the blocks are untouched."""
+    ranks, lengths, skip = CASES[2]
+    pool, adapters, gen = setup(cfg, torch.float32, ranks, seed=5)
+    segs, rows = segments_for(adapters, lengths, skip)
+    lay = pool.layout
+    meta = build_meta(segs, 16, torch.device("cpu"))
+    group = ("q_proj", "k_proj", "v_proj")
+    x = torch.randn(rows, cfg.hidden_size, generator=gen)
+    s = lora_shrink(x, pool.data[1], meta, group, lay.chunk, lay.chunks_per_page, 16)
+    widths = [cfg.module_shape(m)[1] for m in group]
+    y0 = torch.randn(rows, sum(widths) + 16, generator=gen)  # a spare column block at the end
+    bounds = [sum(widths[:j]) for j in range(4)]
+    fused, each = y0.clone(), y0.clone()
+    lora_expand(s, [fused[:, bounds[j]:bounds[j + 1]] for j in range(3)], pool.data[1], meta,
+                group, lay.chunk, lay.chunks_per_page, 16)
+    width = meta.max_rank
+    for j, m in enumerate(group):
+        lora_expand_ref(s[:, j * width:(j + 1) * width], each[:, bounds[j]:bounds[j + 1]],
+                        pool.data[1], meta, m, lay.chunk, lay.chunks_per_page)
+    torch.testing.assert_close(fused, each, atol=1e-4, rtol=1e-4)
+    assert torch.equal(fused[:, bounds[3]:], y0[:, bounds[3]:])
+    assert not torch.equal(fused, y0)
+    with pytest.raises(ValueError, match="column blocks"):
+        lora_expand(s, [fused[:, :widths[0]], y0[:, :widths[1]], fused[:, :widths[2]]],
+                    pool.data[1], meta, group, lay.chunk, lay.chunks_per_page, 16)

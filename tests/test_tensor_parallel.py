@@ -304,8 +304,8 @@ def test_workers_exit_when_rank0_dies(adapter_dir: Path, tmp_path: Path) -> None
         proc.stop()
 
 
-@pytest.mark.parametrize("graph", [None, (16, 32)])
-def test_step_message_round_trip(graph: tuple[int, int] | None) -> None:
+@pytest.mark.parametrize("graph", [None, (16, 32, 0b1001)])
+def test_step_message_round_trip(graph: tuple[int, int, int] | None) -> None:
     """Rank 0's step message, graph key included, decodes to what was sent."""
     from loraplane.engine.attention import SeqSlice
     from loraplane.engine.distributed import protocol

@@ -75,7 +75,10 @@ def warm_up(engine: LLMEngine, sets: WeightSets | None, seed: int) -> None:
         engine.step()
     graphs = engine.runner.graphs
     if graphs is not None:
-        graphs.capture_all(max(sets.ranks) if sets is not None else 0)
+        if sets is None:
+            graphs.capture_all()
+        else:  # the trace's adapters all target the modules of the weight sets
+            graphs.capture_all(max(sets.ranks), frozenset(sets.first(sets.ranks[0])[0].modules))
     for name in names[1:]:
         assert name is not None
         engine.unload_adapter(name)

@@ -272,7 +272,7 @@ class TensorParallelEngine(LLMEngine):
             elif kind == protocol.CAPTURE:
                 assert self.runner.graphs is not None, "rank 0 captures graphs this rank lacks"
                 with torch.inference_mode():
-                    self.runner.graphs.graph((fields[0], fields[1]))
+                    self.runner.graphs.graph((fields[0], fields[1], fields[2]))
             elif kind == protocol.REPORT:
                 rows = [[i, *self._row(a.pages)] for i, a in sorted(self._by_id.items())]
                 protocol.gather_rows(self.tp.control, self.tp.world, rows, 3)

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from loraplane.engine.config import LORA_MODULES
 from loraplane.engine.distributed.sharding import ROW_PARALLEL, padded_rank
 from loraplane.engine.kernels.lora_expand import lora_expand, lora_expand_ref
 from loraplane.engine.kernels.lora_meta import LoraKernelMeta, StaticMeta, StaticShape, build_meta
 from loraplane.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref
-from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment
+from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment, targeted_modules
 from loraplane.engine.lora.triton_op import GROUP_OF
 from loraplane.engine.memory_pool import DevicePool
 
@@ -34,22 +33,22 @@ _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 @dataclass(frozen=True)
 class ShardedMeta:
     """Two views of the step's segments: padded ranks r_pad, and r_pad / N for the strided
-    shrink of column-parallel modules; plus the modules any segment's adapter targets."""
+    shrink of column-parallel modules."""
 
     full: LoraKernelMeta
     strided: LoraKernelMeta
-    modules: frozenset[str]
 
 
 class ShardedStaticMeta:
-    """A decode graph's fixed-size ShardedMeta (both rank views), refilled before each replay;
-    every module counts as targeted so the graph always holds every collective."""
+    """A decode graph's fixed-size ShardedMeta (both rank views), refilled before each replay.
+    The graph's key names the modules it applies LoRA to, the same on every rank, so every rank
+    holds the same collectives."""
 
     def __init__(self, full: StaticMeta, strided: StaticMeta, world: int) -> None:
         self.full = full
         self.strided = strided
         self.world = world
-        self.meta = ShardedMeta(full.meta, strided.meta, frozenset(LORA_MODULES))
+        self.meta = ShardedMeta(full.meta, strided.meta)
 
     def fill(self, segments: list[LoraSegment]) -> ShardedMeta:
         ranks = [padded_rank(s.adapter.rank, self.world) for s in segments]
@@ -101,11 +100,10 @@ class TensorParallelLoraOp(LoraOp):
             return LoraBatch([])
         dev = self.pool.data.device
         full = [padded_rank(s.adapter.rank, self.world) for s in segments]
-        modules = frozenset(m for s in segments for (m, kind) in s.adapter.offsets if kind == "a")
         meta = ShardedMeta(build_meta(segments, self.block_m, dev, full),
                            build_meta(segments, self.block_m, dev,
-                                      [r // self.world for r in full]), modules)
-        return LoraBatch(segments, meta)
+                                      [r // self.world for r in full]))
+        return LoraBatch(segments, meta, targeted_modules(segments))
 
     def _shrink(self, x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
                 module: str | tuple[str, ...]) -> torch.Tensor:
@@ -129,7 +127,7 @@ class TensorParallelLoraOp(LoraOp):
               batch: LoraBatch) -> None:
         meta = batch.kernel_meta
         assert isinstance(meta, ShardedMeta)
-        if module not in meta.modules:
+        if module not in batch.modules:
             return  # the same on every rank: no collective is skipped by one rank only
         pool_layer = self.pool.data[layer]  # [num_pages, page_elems]
         if module in ROW_PARALLEL:
@@ -140,17 +138,17 @@ class TensorParallelLoraOp(LoraOp):
             cols = y[:, self.rank * width:(self.rank + 1) * width]  # [T, out/N] view
             self._expand(s, cols, pool_layer, meta.full, module)
             return
-        self._expand(self._gathered(x, pool_layer, meta, layer, module), y, pool_layer,
-                     meta.full, module)
+        self._expand(self._gathered(x, pool_layer, meta, batch.modules, layer, module), y,
+                     pool_layer, meta.full, module)
 
     def _gathered(self, x: torch.Tensor, pool_layer: torch.Tensor, meta: ShardedMeta,
-                  layer: int, module: str) -> torch.Tensor:
+                  modules: frozenset[str], layer: int, module: str) -> torch.Tensor:
         """The full shrink [T, R'·N] of a column-parallel module. Its targeted siblings on the
         same input (q, k, v or gate, up) are shrunk now too and share one all-gather."""
         hit = self._pending.pop((layer, module), None)
         if hit is not None and hit[0] is x:
             return hit[1]
-        group = [m for m in GROUP_OF[module] if m in meta.modules]
+        group = [m for m in GROUP_OF[module] if m in modules]
         # [T, k·R'], rank p's rows p, p+N, ... of each A: one fused shrink for the group.
         local = self._shrink(x, pool_layer, meta.strided, tuple(group))
         t, r = x.shape[0], local.shape[1] // len(group)

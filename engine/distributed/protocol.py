@@ -14,7 +14,7 @@ import torch.distributed as dist
 from loraplane.engine.attention import SeqSlice
 
 STEP, REGISTER, REPORT, SHUTDOWN, CAPTURE = 1, 2, 3, 4, 5
-HEADER = 10
+HEADER = 11
 ERROR_BYTES = 512  # one rank's error text in replies gathered after a command
 
 
@@ -28,8 +28,9 @@ class StepMessage:
     loads: list[tuple[int, list[int]]] = field(default_factory=list)  # (adapter id, pages)
     evictions: list[int] = field(default_factory=list)  # adapters no longer in their pages
     drops: list[int] = field(default_factory=list)  # adapter ids gone on rank 0
-    # The decode graph (bucket rows, LoRA rank cap) that runs the step; None: an eager forward.
-    graph: tuple[int, int] | None = None
+    # The decode graph (bucket rows, LoRA rank cap, LoRA module mask) that runs the step; None:
+    # an eager forward.
+    graph: tuple[int, int, int] | None = None
 
 
 def send(group: dist.ProcessGroup, kind: int, fields: list[int], payload: list[int]) -> None:
@@ -67,12 +68,12 @@ def encode_step(m: StepMessage) -> tuple[list[int], list[int]]:
         payload += [adapter_id, len(pages), *pages]
     payload += m.evictions + m.drops
     fields = [len(m.ids), len(m.slices), len(m.segments), len(m.loads), len(m.evictions),
-              len(m.drops), *(m.graph or (0, 0))]
+              len(m.drops), *(m.graph or (0, 0, 0))]
     return fields, payload
 
 
 def decode_step(fields: list[int], payload: list[int]) -> StepMessage:
-    n_ids, n_slices, n_segs, n_loads, n_evictions, n_drops, rows, cap = fields[:8]
+    n_ids, n_slices, n_segs, n_loads, n_evictions, n_drops, rows, cap, mask = fields[:9]
     pos = n_ids
     heads = [payload[pos + 4 * i:pos + 4 * i + 4] for i in range(n_slices)]
     pos += 4 * n_slices
@@ -91,7 +92,7 @@ def decode_step(fields: list[int], payload: list[int]) -> StepMessage:
     evictions = payload[pos:pos + n_evictions]
     drops = payload[pos + n_evictions:pos + n_evictions + n_drops]
     return StepMessage(payload[:n_ids], slices, segments, loads, evictions, drops,
-                       (rows, cap) if rows else None)
+                       (rows, cap, mask) if rows else None)
 
 
 def encode_text(*parts: str) -> list[int]:

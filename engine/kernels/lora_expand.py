@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -16,12 +18,25 @@ from loraplane.engine.kernels.lora_meta import (
 
 @triton.jit
 def _expand_kernel(s_ptr, y_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pages_ptr,
-                   N, stride_sm, stride_ym, module,
+                   stride_sm, stride_ym, s_width, modules, N0, N1, N2, Y1, Y2,
                    CHUNK: tl.constexpr, CPP: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    PRECISION: tl.constexpr):
     tile = tl.program_id(0)
+    # Axis 1 enumerates the column blocks of up to three members of a fused group side by side
+    # (N1 = N2 = 0 for one module): member j has width Nj, its output starts Yj columns after
+    # member 0's, its shrink block j * s_width columns into s; `modules` packs their module
+    # indices 4 bits each.
     col_block = tl.program_id(1)
+    nb0 = N0 // BLOCK_N
+    nb01 = nb0 + N1 // BLOCK_N
+    in1 = col_block >= nb0
+    in2 = col_block >= nb01
+    j = in1.to(tl.int32) + in2.to(tl.int32)
+    col_block -= tl.where(in2, nb01, tl.where(in1, nb0, 0))
+    N = tl.where(in2, N2, tl.where(in1, N1, N0))
+    y_col = tl.where(in2, Y2, tl.where(in1, Y1, 0))
+    module = (modules >> (4 * j)) & 15
     seg = tl.load(tiles_ptr + tile * 2)
     row0 = tl.load(tiles_ptr + tile * 2 + 1)
     row_end = tl.load(segs_ptr + seg * 4 + 1)
@@ -40,7 +55,7 @@ def _expand_kernel(s_ptr, y_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pag
     for r0 in range(0, rank, BLOCK_R):
         ranks = r0 + rr
         rank_mask = ranks < rank
-        s = tl.load(s_ptr + rows[:, None] * stride_sm + ranks[None, :],
+        s = tl.load(s_ptr + rows[:, None] * stride_sm + j * s_width + ranks[None, :],
                     mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
         # Chunk of B^T's row r that holds column n: first + r * (N / CHUNK) + n / CHUNK.
         c = first + ranks * (N // CHUNK) + n0 // CHUNK
@@ -49,35 +64,71 @@ def _expand_kernel(s_ptr, y_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pag
         b = tl.load(pool_ptr + base[:, None] + (cols - n0)[None, :],
                     mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
         acc += tl.dot(s.to(b.dtype), b, input_precision=PRECISION)
-    y = y_ptr + rows[:, None] * stride_ym + cols[None, :]
+    y = y_ptr + rows[:, None] * stride_ym + y_col + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     prev = tl.load(y, mask=mask, other=0.0)
     tl.store(y, (prev.to(tl.float32) + acc).to(prev.dtype), mask=mask)
 
 
-def lora_expand(s: torch.Tensor, y: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
-                module: str, chunk: int, chunks_per_page: int, block_m: int,
-                block_n: int = 128, num_warps: int | None = None, num_stages: int = 1) -> None:
+def column_offsets(ys: Sequence[torch.Tensor]) -> list[int] | None:
+    """Columns from ys[0] to each of ys, when all are column blocks of one tensor's rows (the
+    same storage, row stride and row count, each block within a row); None otherwise."""
+    y0 = ys[0]
+    size = y0.element_size()
+    offs = []
+    for y in ys:
+        d = y.data_ptr() - y0.data_ptr()
+        if (y.untyped_storage().data_ptr() != y0.untyped_storage().data_ptr()
+                or y.shape[0] != y0.shape[0] or y.stride() != y0.stride() or d % size):
+            return None
+        offs.append(d // size)
+    stride = y0.stride(0)
+    if min(offs) < 0 or any(o + y.shape[1] > stride for o, y in zip(offs, ys, strict=True)):
+        return None
+    return offs
+
+
+def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
+                pool_layer: torch.Tensor, meta: LoraKernelMeta, module: str | Sequence[str],
+                chunk: int, chunks_per_page: int, block_m: int, block_n: int = 128,
+                num_warps: int | None = None, num_stages: int = 1) -> None:
     """y [T, N] += s [T, >= max_rank] · B^T for each segment's adapter, in place.
 
+    A fused group in one launch: `module` up to three modules and `y` their outputs, column
+    blocks of one tensor's rows (column_offsets), with member j's shrink at columns
+    j * width.. of s (width = s's columns / members), as a fused shrink lays it out.
     s may be one module's column block of a fused shrink's output (row stride larger than its
     width). On the H200 one warp per [16 x 128] output tile was fastest from 16 rows up
     (bench/results/lora-kernels-nvidia-h200-2026-11-30-sweep.json); few rows of wide ranks
     want more warps."""
-    t, n = y.shape
-    if y.stride(1) != 1 or s.stride(1) != 1 or pool_layer.stride(-1) != 1:
+    modules = [module] if isinstance(module, str) else list(module)
+    ys = [y] if isinstance(y, torch.Tensor) else list(y)
+    if not 0 < len(modules) == len(ys) <= 3:
+        raise ValueError(f"one to three modules, one output each (got {len(modules)} modules, "
+                         f"{len(ys)} outputs)")
+    offs = column_offsets(ys)
+    if offs is None:
+        raise ValueError("a group's outputs must be column blocks of one tensor's rows")
+    y0 = ys[0]
+    if y0.stride(1) != 1 or s.stride(1) != 1 or pool_layer.stride(-1) != 1:
         raise ValueError("s, y and the pool layer must be contiguous in their last dimension")
-    if n % chunk:
-        raise ValueError(f"output width {n} is not a multiple of the chunk {chunk}")
+    widths = [t.shape[1] for t in ys]
+    if any(n % chunk for n in widths):
+        raise ValueError(f"output widths {widths} are not multiples of the chunk {chunk}")
     if meta.num_tiles == 0:
         return
     block_n = min(chunk, block_n)
     if num_warps is None:
         num_warps = 4 if meta.num_tiles < 16 and meta.max_rank > 32 else 1
     block_r = 16 if meta.max_rank <= 16 else 32
-    grid = (meta.num_tiles, triton.cdiv(n, block_n))
-    _expand_kernel[grid](s, y, pool_layer, meta.tiles, meta.segs, meta.offsets, meta.pages,
-                         n, s.stride(0), y.stride(0), MODULE_INDEX[module],
+    s_width = s.shape[1] // len(modules)
+    ns = widths + [0] * (3 - len(widths))
+    offs += [0] * (3 - len(offs))
+    packed = sum(MODULE_INDEX[m] << (4 * j) for j, m in enumerate(modules))
+    grid = (meta.num_tiles, sum(triton.cdiv(n, block_n) for n in widths))
+    _expand_kernel[grid](s, y0, pool_layer, meta.tiles, meta.segs, meta.offsets, meta.pages,
+                         s.stride(0), y0.stride(0), s_width, packed, ns[0], ns[1], ns[2],
+                         offs[1], offs[2],
                          CHUNK=chunk, CPP=chunks_per_page, BLOCK_M=block_m, BLOCK_N=block_n,
                          BLOCK_R=block_r, PRECISION=dot_precision(pool_layer.dtype),
                          num_warps=num_warps, num_stages=num_stages)

@@ -48,14 +48,33 @@ def _shrink_kernel(x_ptr, out_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, p
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     k_start = split * k_per_split
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + kk)[None, :],
-                    mask=row_mask[:, None], other=0.0)
-        c = row_chunk + k0 // CHUNK
-        page = tl.load(pages_ptr + page_off + c // CPP, mask=rank_mask, other=0).to(tl.int64)
-        base = (page * CPP + c % CPP) * CHUNK + k0 % CHUNK  # [BLOCK_R] element offsets
-        a = tl.load(pool_ptr + base[:, None] + kk[None, :], mask=rank_mask[:, None], other=0.0)
-        acc += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=PRECISION)
+    k_end = tl.minimum(k_start + k_per_split, K)
+    c0 = row_chunk + k_start // CHUNK  # [BLOCK_R] first and last chunk of each row's span
+    c1 = row_chunk + (k_end - 1) // CHUNK
+    one_page = tl.min(tl.where(rank_mask, (c0 // CPP == c1 // CPP).to(tl.int32), 1), axis=0)
+    if one_page == 1:
+        # Every row's span lies in one page (the rule: a rank row's chunks are consecutive in
+        # the adapter's layout), so it is contiguous there: one page lookup per row, and
+        # addresses affine in k that the compiler can pipeline.
+        page = tl.load(pages_ptr + page_off + c0 // CPP, mask=rank_mask, other=0).to(tl.int64)
+        row_base = (page * CPP + c0 % CPP) * CHUNK - (k_start // CHUNK) * CHUNK  # [BLOCK_R]
+        for k0 in range(k_start, k_end, BLOCK_K):
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + kk)[None, :],
+                        mask=row_mask[:, None], other=0.0)
+            a = tl.load(pool_ptr + row_base[:, None] + (k0 + kk)[None, :],
+                        mask=rank_mask[:, None], other=0.0)
+            acc += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=PRECISION)
+    else:  # a span crossing a page boundary: look the page up chunk by chunk
+        for k0 in range(k_start, k_end, BLOCK_K):
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + kk)[None, :],
+                        mask=row_mask[:, None], other=0.0)
+            c = row_chunk + k0 // CHUNK
+            page = tl.load(pages_ptr + page_off + c // CPP, mask=rank_mask,
+                           other=0).to(tl.int64)
+            base = (page * CPP + c % CPP) * CHUNK + k0 % CHUNK  # [BLOCK_R] element offsets
+            a = tl.load(pool_ptr + base[:, None] + kk[None, :], mask=rank_mask[:, None],
+                        other=0.0)
+            acc += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=PRECISION)
     out = out_ptr + rows[:, None] * stride_om + j * out_width + ranks[None, :]
     mask = row_mask[:, None] & rank_mask[None, :]
     if ATOMIC:

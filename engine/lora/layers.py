@@ -38,7 +38,7 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         batch = self.state.batch
-        if batch.segments:
+        if batch.segments and self.module in batch.modules:
             self.state.op.apply(x, y, self.layer, self.module, batch)
         return y
 

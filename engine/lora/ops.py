@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from loraplane.engine.adapter_cache import Adapter
+from loraplane.engine.config import LORA_MODULES
 from loraplane.engine.memory_pool import DevicePool
 
 
@@ -23,10 +24,19 @@ class LoraSegment:
 
 @dataclass
 class LoraBatch:
-    """Per-step LoRA metadata, built once and read by every projection of every layer."""
+    """Per-step LoRA metadata, built once and read by every projection of every layer.
+
+    modules: the projections any segment's adapter targets; the others launch nothing (a
+    decode graph holds LoRA launches only for the modules of its key)."""
 
     segments: list[LoraSegment]
     kernel_meta: Any = None  # what a kernel implementation packs for the device
+    modules: frozenset[str] = frozenset(LORA_MODULES)
+
+
+def targeted_modules(segments: list[LoraSegment]) -> frozenset[str]:
+    """The projections any segment's adapter has weights for."""
+    return frozenset(m for s in segments for (m, kind) in s.adapter.offsets if kind == "a")
 
 
 class LoraOp(ABC):
@@ -40,7 +50,7 @@ class LoraOp(ABC):
 
     def prepare(self, segments: list[LoraSegment]) -> LoraBatch:
         """Turn the step's segments into whatever the implementation reads in `apply`."""
-        return LoraBatch(segments)
+        return LoraBatch(segments, modules=targeted_modules(segments))
 
     @abstractmethod
     def apply(self, x: torch.Tensor, y: torch.Tensor, layer: int, module: str,

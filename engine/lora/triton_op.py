@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from loraplane.engine.config import FUSED_GROUPS
-from loraplane.engine.kernels.lora_expand import lora_expand
+from loraplane.engine.kernels.lora_expand import column_offsets, lora_expand
 from loraplane.engine.kernels.lora_meta import StaticMeta, StaticShape, build_meta
 from loraplane.engine.kernels.lora_shrink import lora_shrink
-from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment
+from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment, targeted_modules
 from loraplane.engine.memory_pool import DevicePool
 
 # One shrink launch serves each group of projections reading the same input.
@@ -19,17 +19,22 @@ GROUP_OF = {m: g for g in FUSED_GROUPS for m in g}
 
 @dataclass
 class _Shrunk:
-    """A fused shrink's output [T, len(group) * max_rank], kept until the group's last module."""
+    """A fused shrink's output [T, len(group) * max_rank], kept until the group's last module;
+    `held`: members' outputs whose expand waits to run with the others' in one launch."""
 
     x: torch.Tensor
     layer: int
     group: tuple[str, ...]
     s: torch.Tensor
     pending: set[str]
+    held: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class TritonLoraOp(LoraOp):
-    """Shrink then expand over all segments and ranks at once; one shrink per fused group."""
+    """Shrink then expand over all segments and ranks at once; one shrink per fused group, and
+    one expand per group when its members' outputs are column blocks of one tensor (fused
+    layers): those wait for the group's last member. The model reads none of a group's outputs
+    before it has run every member (q, k, v; gate, up), as LlamaAttention and MLP do."""
 
     block_m = 16
     graph_safe = True
@@ -40,10 +45,16 @@ class TritonLoraOp(LoraOp):
         self._shrunk: _Shrunk | None = None
 
     def prepare(self, segments: list[LoraSegment]) -> LoraBatch:
+        if self._shrunk is not None and self._shrunk.held:
+            # A model that skipped a fused group's last member: its siblings' LoRA terms
+            # were never added (a programming error; never silently wrong outputs).
+            raise RuntimeError(f"LoRA terms of {sorted(self._shrunk.held)} were held for "
+                               f"{sorted(self._shrunk.pending)}, which never ran")
         self._shrunk = None
         if not segments:
             return LoraBatch([])
-        return LoraBatch(segments, build_meta(segments, self.block_m, self.pool.data.device))
+        return LoraBatch(segments, build_meta(segments, self.block_m, self.pool.data.device),
+                         targeted_modules(segments))
 
     def static_meta(self, rows: int, max_rank: int, chunks_per_rank: int) -> StaticMeta:
         """Fixed-size metadata buffers for a CUDA graph of `rows` decode rows.
@@ -55,28 +66,61 @@ class TritonLoraOp(LoraOp):
                             max_rank=max_rank)
         return StaticMeta(shape, self.block_m, self.pool.data.device)
 
-    def _shrink(self, x: torch.Tensor, layer: int, module: str,
-                batch: LoraBatch) -> torch.Tensor:
-        """s [T, max_rank] of `module`: a column block of its group's shrink, run once per x."""
+    def _group_shrink(self, x: torch.Tensor, layer: int, module: str,
+                      batch: LoraBatch) -> _Shrunk:
+        """The shrink of `module`'s group (its members this step's adapters target), run once
+        per x."""
         lay = self.pool.layout
-        group = GROUP_OF.get(module, (module,))
         cached = self._shrunk
         # The model passes one tensor object to every projection of a group; identity (the
         # cache holds a reference, so the object cannot be recycled) tells that x is the same.
         if cached is None or cached.x is not x or cached.layer != layer \
                 or module not in cached.pending:
+            if cached is not None:
+                self._expand_held(cached, batch)
+            group = tuple(m for m in GROUP_OF.get(module, (module,)) if m in batch.modules)
             s = lora_shrink(x, self.pool.data[layer], batch.kernel_meta, group, lay.chunk,
                             lay.chunks_per_page, self.block_m, self.split_k)
-            cached = _Shrunk(x, layer, group, s, set(group))
-        cached.pending.discard(module)
-        self._shrunk = cached if cached.pending else None
-        width = cached.s.shape[1] // len(cached.group)
-        j = cached.group.index(module)
-        return cached.s[:, j * width:(j + 1) * width]
+            cached = self._shrunk = _Shrunk(x, layer, group, s, set(group))
+        return cached
+
+    def _expand(self, g: _Shrunk, modules: list[str], ys: list[torch.Tensor],
+                batch: LoraBatch) -> None:
+        """Expand `modules` (members of g, in group order) into their outputs, one launch."""
+        lay = self.pool.layout
+        width = g.s.shape[1] // len(g.group)
+        j = g.group.index(modules[0])
+        # One member: its block of s; the whole group: all of s (member j at j * width).
+        s = g.s[:, j * width:(j + 1) * width] if len(modules) == 1 else g.s
+        lora_expand(s, ys, self.pool.data[g.layer], batch.kernel_meta, modules, lay.chunk,
+                    lay.chunks_per_page, self.block_m)
+
+    def _expand_held(self, g: _Shrunk, batch: LoraBatch) -> None:
+        """Expand the outputs g holds: one launch for the whole group when they are column
+        blocks of one tensor, else one per member."""
+        held, g.held = g.held, {}
+        if not held:
+            return
+        members = [m for m in g.group if m in held]
+        ys = [held[m] for m in members]
+        if members == list(g.group) and column_offsets(ys) is not None:
+            self._expand(g, members, ys, batch)
+        else:
+            for m, y in zip(members, ys, strict=True):
+                self._expand(g, [m], [y], batch)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, layer: int, module: str,
               batch: LoraBatch) -> None:
-        lay = self.pool.layout
-        s = self._shrink(x, layer, module, batch)
-        lora_expand(s, y, self.pool.data[layer], batch.kernel_meta, module, lay.chunk,
-                    lay.chunks_per_page, self.block_m)
+        if module not in batch.modules:
+            return  # no adapter of the step targets it
+        g = self._group_shrink(x, layer, module, batch)
+        g.pending.discard(module)
+        # A column block of a wider row (fused layers) waits for its siblings' blocks.
+        column_block = y.stride(0) > y.shape[1] and len(g.group) > 1
+        if column_block:
+            g.held[module] = y
+        else:
+            self._expand(g, [module], [y], batch)
+        if not g.pending:
+            self._expand_held(g, batch)
+            self._shrunk = None
