@@ -67,6 +67,9 @@ def warm_up(engine: LLMEngine, sets: WeightSets | None, seed: int) -> None:
     for i, name in enumerate(names):  # each rank's kernel variants, odd and even lengths
         for length in (48 + 16 * i, 37 + 16 * i):
             engine.generate([prompt(i, length)], params, [name])
+        # A prefill step near the token budget: its shrink has enough tiles to run unsplit.
+        n = max(1, engine.engine_config.max_num_batched_tokens // 320)
+        engine.generate([prompt(i + 100 * j, 300) for j in range(n)], params, [name] * n)
     # Staggered arrivals: each request joins a step where the earlier ones decode.
     for i, name in enumerate(names * 2):
         engine.add_request(f"warmup-mixed-{i}", prompt(i, 21 + 7 * i), params, name)

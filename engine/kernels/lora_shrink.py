@@ -18,7 +18,10 @@ from loraplane.engine.kernels.lora_meta import (
 )
 
 
-@triton.jit
+# Integer arguments that vary from step to step (with the step's ranks and row count) are not
+# specialized on (Triton would compile a variant for each of: multiple of 16, equal to 1, other,
+# and a variant first met while serving costs a compile then).
+@triton.jit(do_not_specialize=["stride_om", "modules", "rank_blocks", "out_width", "k_per_split"])
 def _shrink_kernel(x_ptr, out_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pages_ptr,
                    K, stride_xm, stride_om, modules, rank_blocks, out_width, k_per_split,
                    CHUNK: tl.constexpr, CPP: tl.constexpr, BLOCK_M: tl.constexpr,

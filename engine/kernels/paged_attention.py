@@ -62,7 +62,8 @@ def _attend_tile(acc, m_i, l_i, q, kv_ptr, bt_row_ptr, n0, kv_end, qpos, scale_l
     return acc, m_new, l_i
 
 
-@triton.jit
+# The block tables' row stride is the step's longest table: not specialized on (see lora_shrink).
+@triton.jit(do_not_specialize=["stride_btb"])
 def _decode_kernel(q_ptr, kv_ptr, bt_ptr, ctx_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
                    scale_log2, stride_qb, stride_qh, stride_kp, stride_kt, stride_kv, stride_kh,
                    stride_btb, stride_ob, stride_oh,
@@ -127,7 +128,7 @@ def _decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ob, stride_
     tl.store(out_ptr + b * stride_ob + h * stride_oh + dd, o.to(out_ptr.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btb"])
 def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, cu_ptr, ctx_ptr, out_ptr, scale_log2,
                     stride_qt, stride_qh, stride_kp, stride_kt, stride_kv, stride_kh,
                     stride_btb, stride_ot, stride_oh,
