@@ -27,6 +27,7 @@
 #                      tier runs at alpha 1 and the LoRA kernel bench
 #   c3 (two H200): TP graphs check; LoRA kernel bench, S2 ratios, 32 rows vs PEFT, tier runs,
 #                  fused-layer check
+#   c5 (two H200): policy sweep cv 1/2/4/8; tier runs at alpha 0.3; S2 0 / 1,000 again
 #   verify (two H200): TP graphs check, then tier runs (GPU 0) beside a short policy sweep and
 #                      S2 at saturation with 0 and 1,000 adapters (GPU 1): the first call of a
 #                      session after the changes of 2026-11-30 16:50-17:30 UTC
@@ -140,6 +141,19 @@ c3)  # two H200, ~7 min: after the LoRA launch cuts (module masks, group expand,
        --host-cache-memory 16 --pool-memory 40 --saturate --num-requests 120 $pf
    done
    timeout 150 python3 bench/fused_check.py --out "$out" 2>&1 | grep -v -i warn | tail -12
+  ) &
+  wait ;;
+c5)  # two H200, ~5 min: the policy sweep at overload with the measured-rate abort estimate
+    # (GPU 0); tier runs at alpha 0.3 and a second S2 0 / 1,000-adapter pair (GPU 1)
+  (export CUDA_VISIBLE_DEVICES=0
+   bench 330 --setting S2 --num-adapters 100 --num-requests 240 --rate 30 \
+     --scheduling-policy fcfs abort --cv-sweep 1 2 4 8) &
+  (export CUDA_VISIBLE_DEVICES=1
+   for pf in "" --no-prefetch; do
+     bench 95 --setting S2 --num-adapters 2000 --alpha 0.3 --adapter-source disk \
+       --host-cache-memory 16 --pool-memory 40 --saturate --num-requests 120 $pf
+   done
+   for n in 0 1000; do bench 95 --setting S2 --num-adapters $n --num-requests 200 --saturate; done
   ) &
   wait ;;
 x2)
