@@ -21,7 +21,11 @@ from loraplane.engine.adapters import LoraWeights, random_lora_weights  # noqa: 
 from loraplane.engine.config import LORA_MODULES, NAMED_SHAPES, ModelConfig  # noqa: E402
 from loraplane.engine.kernels.lora_expand import lora_expand, lora_expand_ref  # noqa: E402
 from loraplane.engine.kernels.lora_meta import build_meta  # noqa: E402
-from loraplane.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref  # noqa: E402
+from loraplane.engine.kernels.lora_shrink import (  # noqa: E402
+    lora_shrink,
+    lora_shrink_ref,
+    shrink_width,
+)
 from loraplane.engine.lora.ops import LoraSegment, TorchLoraOp  # noqa: E402
 from loraplane.engine.lora.triton_op import TritonLoraOp  # noqa: E402
 from loraplane.engine.memory_pool import DevicePool, PoolLayout  # noqa: E402
@@ -131,7 +135,7 @@ def test_fused_shrink_matches_each_module(dtype: torch.dtype, group: tuple[str, 
     x = torch.randn(rows, cfg.hidden_size, generator=gen).to(dtype)
     got = lora_shrink(x, pool.data[1], meta, group, lay.chunk, lay.chunks_per_page, 16,
                       split_k=2)
-    width = meta.max_rank
+    width = shrink_width(meta.max_rank)
     assert got.shape == (rows, len(group) * width)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for j, m in enumerate(group):
@@ -189,7 +193,7 @@ def test_untargeted_projections_launch_nothing() -> None:
         proj(x)
     assert calls == ["q_proj", "v_proj"]
     g = op._group_shrink(x, 0, "q_proj", state.batch)
-    assert g.group == ("q_proj", "v_proj") and g.s.shape == (3, 2 * 8)
+    assert g.group == ("q_proj", "v_proj") and g.s.shape == (3, 2 * shrink_width(8))
 
 
 @pytest.mark.parametrize("cfg", [NAMED_SHAPES["tiny"], ODD], ids=lambda c: c.name)
@@ -210,7 +214,7 @@ def test_group_expand_matches_each_module(cfg: ModelConfig) -> None:
     fused, each = y0.clone(), y0.clone()
     lora_expand(s, [fused[:, bounds[j]:bounds[j + 1]] for j in range(3)], pool.data[1], meta,
                 group, lay.chunk, lay.chunks_per_page, 16)
-    width = meta.max_rank
+    width = shrink_width(meta.max_rank)
     for j, m in enumerate(group):
         lora_expand_ref(s[:, j * width:(j + 1) * width], each[:, bounds[j]:bounds[j + 1]],
                         pool.data[1], meta, m, lay.chunk, lay.chunks_per_page)

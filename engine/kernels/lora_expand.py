@@ -16,8 +16,9 @@ from loraplane.engine.kernels.lora_meta import (
 )
 
 
-# Not specialized on the arguments that vary with the step's ranks and the group (see the shrink).
-@triton.jit(do_not_specialize=["stride_sm", "s_width", "modules", "N0", "N1", "N2", "Y1", "Y2"])
+# Widths and offsets are multiples of the chunk or of 16 (see the shrink): only the packed module
+# indices, which differ between call sites, are not specialized on.
+@triton.jit(do_not_specialize=["modules"])
 def _expand_kernel(s_ptr, y_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pages_ptr,
                    stride_sm, stride_ym, s_width, modules, N0, N1, N2, Y1, Y2,
                    CHUNK: tl.constexpr, CPP: tl.constexpr, BLOCK_M: tl.constexpr,

@@ -18,10 +18,11 @@ from loraplane.engine.kernels.lora_meta import (
 )
 
 
-# Integer arguments that vary from step to step (with the step's ranks and row count) are not
-# specialized on (Triton would compile a variant for each of: multiple of 16, equal to 1, other,
-# and a variant first met while serving costs a compile then).
-@triton.jit(do_not_specialize=["stride_om", "modules", "rank_blocks", "out_width", "k_per_split"])
+# Triton compiles a variant per class of each integer argument (multiple of 16, equal to 1,
+# other); one first met while serving costs a compile then. The output's widths are padded to
+# multiples of 16 (shrink_width) so they stay in one class; the counts below vary from step to
+# step and are not specialized on.
+@triton.jit(do_not_specialize=["modules", "rank_blocks"])
 def _shrink_kernel(x_ptr, out_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pages_ptr,
                    K, stride_xm, stride_om, modules, rank_blocks, out_width, k_per_split,
                    CHUNK: tl.constexpr, CPP: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -102,12 +103,18 @@ def shrink_split(programs: int, k_blocks: int) -> int:
     return split
 
 
+def shrink_width(max_rank: int) -> int:
+    """Columns of one module's block in a shrink's output: max_rank rounded up to 16."""
+    return triton.cdiv(max(max_rank, 1), 16) * 16
+
+
 def lora_shrink(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
                 module: str | tuple[str, ...], chunk: int, chunks_per_page: int, block_m: int,
                 split_k: int | None = None, block_k: int = 128, num_warps: int | None = None,
                 num_stages: int | None = None) -> torch.Tensor:
-    """x [T, K] -> s [T, M * max_rank] float32 for M modules reading x (module j's block at
-    columns j * max_rank...); rows outside every segment stay zero.
+    """x [T, K] -> s [T, M * W] float32 for M modules reading x, W = shrink_width(max_rank)
+    (module j's block at columns j * W...); rows outside every segment, and columns past a
+    segment's rank, stay zero.
 
     Launch parameters left None follow the H200 sweep: split-K from TARGET_PROGRAMS, 4 warps
     and 4 stages for rank tiles of 16, 2 and 2 for wider ones."""
@@ -119,7 +126,7 @@ def lora_shrink(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
         raise ValueError(f"input width {k} is not a multiple of the chunk {chunk}")
     if not 0 < len(modules) <= 7:
         raise ValueError(f"a fused shrink takes 1 to 7 modules, not {len(modules)}")
-    width = max(meta.max_rank, 1)
+    width = shrink_width(meta.max_rank)
     out = torch.zeros(t, len(modules) * width, dtype=torch.float32, device=x.device)
     if meta.num_tiles == 0:
         return out
@@ -150,7 +157,7 @@ def lora_shrink_ref(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelM
     """Plain-torch twin of lora_shrink reading the same metadata."""
     modules = (module,) if isinstance(module, str) else module
     t, k = x.shape
-    width = max(meta.max_rank, 1)
+    width = shrink_width(meta.max_rank)
     out = torch.zeros(t, len(modules) * width, dtype=torch.float32, device=x.device)
     for j, m in enumerate(modules):
         for start, end, a in segment_weights(pool_layer, meta, m, 0, chunk, chunks_per_page, k):
