@@ -118,3 +118,14 @@ def test_rank_above_limit_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="max-lora-rank"):
         main(["bench", *BASE, "--num-adapters", "2", "--ranks", "64", "--max-lora-rank", "16",
               "--out", str(tmp_path)])
+
+
+def test_new_variants_lists_the_keys_compiled_in_between() -> None:
+    from loraplane.engine.kernels.common import new_variants
+
+    before = {"lora_shrink._shrink_kernel": {"k1"}}
+    after = {"lora_shrink._shrink_kernel": {"k1", "k2"}, "rms_norm._rms_norm_kernel": {"k3"},
+             "silu_mul._silu_mul_kernel": set()}
+    assert new_variants(before, after) == {"lora_shrink._shrink_kernel": ["k2"],
+                                           "rms_norm._rms_norm_kernel": ["k3"]}
+    assert new_variants(None, after) is None

@@ -242,8 +242,13 @@ def run(args: argparse.Namespace) -> int:
                 **tier_deltas(before, tier_results(stats)),
                 "preemptions": played.preemptions,
                 # Triton kernels compiled during the timed replay (the warm-up missed them).
-                "kernel_compiles": None if compiled is None else sum(compiled.values()),
-                "kernel_compiles_by_kernel": compiled,
+                "kernel_compiles": None if compiled is None
+                else sum(map(len, compiled.values())),
+                "kernel_compiles_by_kernel": None if compiled is None
+                else {k: len(v) for k, v in compiled.items()},
+                # What was new about each (the first few; a key lists every argument's class).
+                "kernel_compile_keys": None if compiled is None
+                else {k: [key[:600] for key in v[:4]] for k, v in compiled.items()},
                 "adapters_resident_at_end": stats.adapters_resident,
                 "adapters_host_at_end": stats.adapters_host,
                 "pool_pages": stats.pool_pages_total, "page_bytes": stats.page_bytes}

@@ -10,11 +10,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def compiled_variants() -> dict[str, int] | None:
-    """Compiled variants (specializations) of each of this package's Triton kernels in this
-    process, by kernel name, or None where Triton's JIT keeps no per-device cache (the
-    interpreter, other versions). A benchmark compares them before and after its timed part:
-    a compile there (up to seconds each) is a start-up cost that was timed as serving."""
+def compiled_variants() -> dict[str, set[str]] | None:
+    """The cache keys (specialization and options, as text) of the compiled variants of each of
+    this package's Triton kernels in this process, by kernel name, or None where Triton's JIT
+    keeps no per-device cache (the interpreter, other versions). A benchmark compares them
+    before and after its timed part: a compile there (up to seconds each) is a start-up cost
+    that was timed as serving, and its key says which argument's class was new."""
     import importlib
     import pkgutil
 
@@ -22,7 +23,7 @@ def compiled_variants() -> dict[str, int] | None:
 
     from loraplane.engine import kernels
 
-    counts: dict[str, int] = {}
+    keys: dict[str, set[str]] = {}
     for info in pkgutil.iter_modules(kernels.__path__):
         module = importlib.import_module(f"{kernels.__name__}.{info.name}")
         for name, obj in vars(module).items():
@@ -32,14 +33,15 @@ def compiled_variants() -> dict[str, int] | None:
             for entry in caches.values():
                 if not isinstance(entry, tuple) or not isinstance(entry[0], dict):
                     return None
-                key = f"{info.name}.{name}"
-                counts[key] = counts.get(key, 0) + len(entry[0])
-    return counts
+                keys.setdefault(f"{info.name}.{name}", set()).update(map(str, entry[0]))
+    return keys
 
 
-def new_variants(before: dict[str, int] | None,
-                 after: dict[str, int] | None) -> dict[str, int] | None:
-    """Variants compiled between two compiled_variants() readings, by kernel (nonzero only)."""
+def new_variants(before: dict[str, set[str]] | None,
+                 after: dict[str, set[str]] | None) -> dict[str, list[str]] | None:
+    """Keys of the variants compiled between two compiled_variants() readings, by kernel
+    (kernels with none left out)."""
     if before is None or after is None:
         return None
-    return {k: n - before.get(k, 0) for k, n in sorted(after.items()) if n > before.get(k, 0)}
+    out = {k: sorted(v - before.get(k, set())) for k, v in sorted(after.items())}
+    return {k: v for k, v in out.items() if v}
