@@ -224,3 +224,27 @@ def test_group_expand_matches_each_module(cfg: ModelConfig) -> None:
     with pytest.raises(ValueError, match="column blocks"):
         lora_expand(s, [fused[:, :widths[0]], y0[:, :widths[1]], fused[:, :widths[2]]],
                     pool.data[1], meta, group, lay.chunk, lay.chunks_per_page, 16)
+
+
+def test_a_group_left_unfinished_is_not_dropped_silently(caplog: pytest.LogCaptureFixture) -> None:
+    """q's output, a column block of a fused product, waits for v (this adapter leaves k
+    alone); a forward that stops before v leaves it held: the next step refuses to start, the
+    reset after a failed forward logs it."""
+    cfg = NAMED_SHAPES["tiny"]
+    pool, adapters, gen = setup(cfg, torch.float32, [4], seed=2)
+    segs = [LoraSegment(0, 2, adapters[0])]
+    op = TritonLoraOp(pool)
+    widths = [cfg.module_shape(m)[1] for m in ("q_proj", "k_proj", "v_proj")]
+    for outcome in ("raises", "logs"):
+        batch = op.prepare(segs)
+        assert {"q_proj", "v_proj"} <= batch.modules
+        x = torch.randn(2, cfg.hidden_size, generator=gen)
+        fused = torch.zeros(2, sum(widths))
+        op.apply(x, fused[:, :widths[0]], 0, "q_proj", batch)
+        assert torch.count_nonzero(fused) == 0  # held, not yet added
+        if outcome == "raises":
+            with pytest.raises(RuntimeError, match="never ran"):
+                op.prepare(segs)
+        else:
+            op.prepare([])
+            assert "never ran" in caplog.text
