@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -18,7 +17,7 @@ triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 from loraplane.engine.adapters import LoraWeights, random_lora_weights  # noqa: E402
-from loraplane.engine.attention import SeqSlice, TorchAttention, TritonAttention  # noqa: E402
+from loraplane.engine.attention import SeqSlice, TorchAttention  # noqa: E402
 from loraplane.engine.config import LORA_MODULES, NAMED_SHAPES, EngineConfig  # noqa: E402
 from loraplane.engine.distributed.sharding import slice_linear  # noqa: E402
 from loraplane.engine.engine import EngineParts, LLMEngine  # noqa: E402
@@ -45,8 +44,6 @@ from loraplane.engine.models.llama import (  # noqa: E402
 from loraplane.engine.models.triton_layers import use_triton_layers  # noqa: E402
 from loraplane.engine.sampling_params import SamplingParams  # noqa: E402
 from loraplane.engine.tokenizer import Tokenizer  # noqa: E402
-from tests.reference import random_hf_model  # noqa: E402
-from tests.test_parity import run_parity  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
 TINY = NAMED_SHAPES["tiny"]
@@ -224,18 +221,6 @@ def test_fused_model_with_adapters_matches_unfused(op: type) -> None:
     # Adapters must matter far beyond the tolerance, or the comparison proves nothing.
     _, base = _generate(copy.deepcopy(model), op, [None] * 4)
     assert (base[0][1:] - want[0][1:]).abs().max() > 0.1
-
-
-def test_fused_engine_matches_hf_peft(tmp_path: Path) -> None:
-    """The whole GPU path (fused layers, Triton LoRA and attention kernels) in the interpreter
-    against HF transformers + PEFT: mixed-rank adapters, chunked prefills beside decodes."""
-    hf = random_hf_model(TINY, seed=2)
-    gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, TINY.vocab_size, (n,), generator=gen).tolist()
-               for n in (3, 20, 1, 9, 14)]
-    run_parity(TINY, hf.state_dict(), hf, Tokenizer.byte_level(TINY.vocab_size), tmp_path,
-               prompts, max_new=5, max_batched=16, lora_op=TritonLoraOp,
-               attention=TritonAttention, prepare=_fuse)
 
 
 def test_fusion_works_on_a_tensor_parallel_shard() -> None:

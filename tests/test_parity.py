@@ -129,10 +129,19 @@ def test_parity_smollm2(tmp_path: Path) -> None:
                max_batched=32)
 
 
-def test_parity_tiny_triton_kernels(tmp_path: Path) -> None:
-    """The same check with the Triton LoRA and attention kernels (CPU interpreter, float32)."""
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_parity_tiny_triton_kernels(tmp_path: Path, fused: bool) -> None:
+    """The same check with the Triton LoRA and attention kernels (CPU interpreter, float32); and
+    with the whole GPU path: fused layers too (their Triton kernels; mixed-rank adapters,
+    chunked prefills beside decodes)."""
     pytest.importorskip("triton")
     from loraplane.engine.lora.triton_op import TritonLoraOp
+    from loraplane.engine.models.fused_layers import use_fused_layers
+    from loraplane.engine.models.triton_layers import use_triton_layers
+
+    def fuse(model: LlamaModel) -> None:
+        use_triton_layers(model)
+        use_fused_layers(model)
 
     cfg = NAMED_SHAPES["tiny"]
     hf = random_hf_model(cfg, seed=2)
@@ -141,4 +150,4 @@ def test_parity_tiny_triton_kernels(tmp_path: Path) -> None:
                for n in (3, 20, 1, 9, 14)]
     run_parity(cfg, hf.state_dict(), hf, Tokenizer.byte_level(cfg.vocab_size), tmp_path,
                prompts, max_new=5, max_batched=16, lora_op=TritonLoraOp,
-               attention=TritonAttention)
+               attention=TritonAttention, prepare=fuse if fused else None)

@@ -93,6 +93,11 @@ class WeightSets:
         return self.sets[(rank, k)], self._label(rank, k)
 
     @property
+    def modules(self) -> frozenset[str]:
+        """The projections every set (hence every trace adapter) targets."""
+        return frozenset(next(iter(self.sets.values())).modules)
+
+    @property
     def host_bytes(self) -> int:
         return sum(w.num_bytes for w in self.sets.values())
 

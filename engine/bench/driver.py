@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from loraplane.engine.bench.adapters import WeightSets
-from loraplane.engine.bench.metrics import RequestRecord
+from loraplane.engine.bench.metrics import RequestRecord, decode_steps
 from loraplane.engine.bench.workload import Request, prompt_ids
 from loraplane.engine.engine import LLMEngine
 from loraplane.engine.sampling_params import SamplingParams
@@ -81,7 +81,7 @@ def warm_up(engine: LLMEngine, sets: WeightSets | None, seed: int) -> None:
         if sets is None:
             graphs.capture_all()
         else:  # the trace's adapters all target the modules of the weight sets
-            graphs.capture_all(max(sets.ranks), frozenset(sets.first(sets.ranks[0])[0].modules))
+            graphs.capture_all(max(sets.ranks), sets.modules)
     for name in names[1:]:
         assert name is not None
         engine.unload_adapter(name)
@@ -121,11 +121,10 @@ class StepProfile:
             return
         prof.__exit__(None, None, None)
         avg = prof.key_averages()
-        decode = [s for s, _, d in self._steps if d]
-        other = [s for s, _, d in self._steps if not d]
-        head = (f"{len(self._steps)} steps from step {self.first}: {len(decode)} pure decode "
-                f"({sum(decode):.3f} s), {len(other)} other ({sum(other):.3f} s); rows "
-                f"{[n for _, n, _ in self._steps]}\n")
+        split = decode_steps(self._steps)  # the bench record's own split of step time
+        head = (f"{len(self._steps)} steps from step {self.first}: {split.get('decode_steps', 0)} "
+                f"pure decode ({split.get('decode_steps_s', 0.0)} s, other steps "
+                f"{split.get('other_steps_s', '-')} s); rows {[n for _, n, _ in self._steps]}\n")
         device_key = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
         tables = [avg.table(sort_by=device_key, row_limit=45, max_name_column_width=70),
                   avg.table(sort_by="self_cpu_time_total", row_limit=30,

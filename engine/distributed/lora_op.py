@@ -19,7 +19,7 @@ from loraplane.engine.kernels.lora_expand import lora_expand, lora_expand_ref
 from loraplane.engine.kernels.lora_meta import LoraKernelMeta, StaticMeta, StaticShape, build_meta
 from loraplane.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref
 from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment, targeted_modules
-from loraplane.engine.lora.triton_op import GROUP_OF
+from loraplane.engine.lora.triton_op import targeted_group
 from loraplane.engine.memory_pool import DevicePool
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 SKIP_COLLECTIVES_ENV = "LORAPLANE_TP_SKIP_LORA_COLLECTIVES"
 # torch 2.13 renamed all_gather_into_tensor (older versions have only that name).
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
+def shard_ranks(segments: list[LoraSegment], world: int) -> tuple[list[int], list[int]]:
+    """Each segment's padded rank r_pad (the full view) and r_pad / N (the strided view)."""
+    full = [padded_rank(s.adapter.rank, world) for s in segments]
+    return full, [r // world for r in full]
 
 
 @dataclass(frozen=True)
@@ -51,9 +57,9 @@ class ShardedStaticMeta:
         self.meta = ShardedMeta(full.meta, strided.meta)
 
     def fill(self, segments: list[LoraSegment]) -> ShardedMeta:
-        ranks = [padded_rank(s.adapter.rank, self.world) for s in segments]
-        self.full.fill(segments, ranks)
-        self.strided.fill(segments, [r // self.world for r in ranks])
+        full, strided = shard_ranks(segments, self.world)
+        self.full.fill(segments, full)
+        self.strided.fill(segments, strided)
         return self.meta
 
 
@@ -99,10 +105,9 @@ class TensorParallelLoraOp(LoraOp):
         if not segments:
             return LoraBatch([])
         dev = self.pool.data.device
-        full = [padded_rank(s.adapter.rank, self.world) for s in segments]
+        full, strided = shard_ranks(segments, self.world)
         meta = ShardedMeta(build_meta(segments, self.block_m, dev, full),
-                           build_meta(segments, self.block_m, dev,
-                                      [r // self.world for r in full]))
+                           build_meta(segments, self.block_m, dev, strided))
         return LoraBatch(segments, meta, targeted_modules(segments))
 
     def _shrink(self, x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
@@ -148,9 +153,9 @@ class TensorParallelLoraOp(LoraOp):
         hit = self._pending.pop((layer, module), None)
         if hit is not None and hit[0] is x:
             return hit[1]
-        group = [m for m in GROUP_OF[module] if m in modules]
+        group = targeted_group(module, modules)
         # [T, k·R'], rank p's rows p, p+N, ... of each A: one fused shrink for the group.
-        local = self._shrink(x, pool_layer, meta.strided, tuple(group))
+        local = self._shrink(x, pool_layer, meta.strided, group)
         t, r = x.shape[0], local.shape[1] // len(group)
         if self.skip_collectives:  # the same shape, one copy instead of a gather
             out = local.repeat(self.world, 1)

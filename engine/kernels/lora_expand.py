@@ -93,12 +93,14 @@ def column_offsets(ys: Sequence[torch.Tensor]) -> list[int] | None:
 def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
                 pool_layer: torch.Tensor, meta: LoraKernelMeta, module: str | Sequence[str],
                 chunk: int, chunks_per_page: int, block_m: int, block_n: int = 128,
-                num_warps: int | None = None, num_stages: int = 1) -> None:
+                num_warps: int | None = None, num_stages: int = 1,
+                offsets: list[int] | None = None) -> None:
     """y [T, N] += s [T, >= max_rank] · B^T for each segment's adapter, in place.
 
     A fused group in one launch: `module` up to three modules and `y` their outputs, column
-    blocks of one tensor's rows (column_offsets), with member j's shrink at columns
-    j * width.. of s (width = s's columns / members), as a fused shrink lays it out.
+    blocks of one tensor's rows (column_offsets; `offsets`: what it returned, when the caller
+    has checked already), with member j's shrink at columns j * width.. of s (width = s's
+    columns / members), as a fused shrink lays it out.
     s may be one module's column block of a fused shrink's output (row stride larger than its
     width). On the H200 one warp per [16 x 128] output tile was fastest from 16 rows up
     (bench/results/lora-kernels-nvidia-h200-2026-11-30-sweep.json); few rows of wide ranks
@@ -108,7 +110,7 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
     if not 0 < len(modules) == len(ys) <= 3:
         raise ValueError(f"one to three modules, one output each (got {len(modules)} modules, "
                          f"{len(ys)} outputs)")
-    offs = column_offsets(ys)
+    offs = list(offsets) if offsets is not None else [0] if len(ys) == 1 else column_offsets(ys)
     if offs is None:
         raise ValueError("a group's outputs must be column blocks of one tensor's rows")
     y0 = ys[0]

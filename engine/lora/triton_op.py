@@ -19,10 +19,17 @@ log = logging.getLogger(__name__)
 GROUP_OF = {m: g for g in FUSED_GROUPS for m in g}
 
 
+def targeted_group(module: str, modules: frozenset[str]) -> tuple[str, ...]:
+    """The members of `module`'s group (itself alone if it has none) among `modules`, in the
+    group's order: what one shrink launch covers."""
+    return tuple(m for m in GROUP_OF.get(module, (module,)) if m in modules)
+
+
 @dataclass
 class _Shrunk:
-    """A fused shrink's output [T, len(group) * max_rank], kept until the group's last module;
-    `held`: members' outputs whose expand waits to run with the others' in one launch."""
+    """A fused shrink's output [T, len(group) * shrink_width(max_rank)], kept until the group's
+    last module; `held`: members' outputs whose expand waits to run with the others' in one
+    launch."""
 
     x: torch.Tensor
     layer: int
@@ -85,22 +92,23 @@ class TritonLoraOp(LoraOp):
                 or module not in cached.pending:
             if cached is not None:
                 self._expand_held(cached, batch)
-            group = tuple(m for m in GROUP_OF.get(module, (module,)) if m in batch.modules)
+            group = targeted_group(module, batch.modules)
             s = lora_shrink(x, self.pool.data[layer], batch.kernel_meta, group, lay.chunk,
                             lay.chunks_per_page, self.block_m, self.split_k)
             cached = self._shrunk = _Shrunk(x, layer, group, s, set(group))
         return cached
 
     def _expand(self, g: _Shrunk, modules: list[str], ys: list[torch.Tensor],
-                batch: LoraBatch) -> None:
-        """Expand `modules` (members of g, in group order) into their outputs, one launch."""
+                batch: LoraBatch, offsets: list[int] | None = None) -> None:
+        """Expand `modules` (members of g, in group order) into their outputs, one launch
+        (`offsets`: the outputs' column_offsets, when known)."""
         lay = self.pool.layout
         width = g.s.shape[1] // len(g.group)
         j = g.group.index(modules[0])
         # One member: its block of s; the whole group: all of s (member j at j * width).
         s = g.s[:, j * width:(j + 1) * width] if len(modules) == 1 else g.s
         lora_expand(s, ys, self.pool.data[g.layer], batch.kernel_meta, modules, lay.chunk,
-                    lay.chunks_per_page, self.block_m)
+                    lay.chunks_per_page, self.block_m, offsets=offsets)
 
     def _expand_held(self, g: _Shrunk, batch: LoraBatch) -> None:
         """Expand the outputs g holds: one launch for the whole group when they are column
@@ -110,8 +118,9 @@ class TritonLoraOp(LoraOp):
             return
         members = [m for m in g.group if m in held]
         ys = [held[m] for m in members]
-        if members == list(g.group) and column_offsets(ys) is not None:
-            self._expand(g, members, ys, batch)
+        offsets = column_offsets(ys) if members == list(g.group) else None
+        if offsets is not None:
+            self._expand(g, members, ys, batch, offsets)
         else:
             for m, y in zip(members, ys, strict=True):
                 self._expand(g, [m], [y], batch)
