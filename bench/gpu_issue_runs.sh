@@ -27,6 +27,7 @@
 #                      tier runs at alpha 1 and the LoRA kernel bench
 #   c3 (two H200): TP graphs check; LoRA kernel bench, S2 ratios, 32 rows vs PEFT, tier runs,
 #                  fused-layer check
+#   k1 (one H200): LoRA kernel launch variants at batch 64; profiled batch-1 decode
 #   c5 (two H200): policy sweep cv 1/2/4/8; tier runs at alpha 0.3; S2 0 / 1,000 again
 #   verify (two H200): TP graphs check, then tier runs (GPU 0) beside a short policy sweep and
 #                      S2 at saturation with 0 and 1,000 adapters (GPU 1): the first call of a
@@ -143,6 +144,13 @@ c3)  # two H200, ~7 min: after the LoRA launch cuts (module masks, group expand,
    timeout 150 python3 bench/fused_check.py --out "$out" 2>&1 | grep -v -i warn | tail -12
   ) &
   wait ;;
+k1)  # one H200, ~5 min: the LoRA kernels' launch variants at decode batch 64 (one adapter per
+    # row, and 5 adapters), then a profiled batch-1 decode without LoRA (where the step goes)
+  timeout 330 python3 bench/kernels/lora_variants.py --adapters 0 5 --out "$out" 2>&1 \
+    | grep -v -i warn | tail -16
+  bench 120 --setting S1 --num-adapters 0 --max-num-seqs 1 --num-requests 2 --saturate \
+    --input-range 32 32 --output-range 300 300 --profile-steps 100 100
+  head -c 6000 "$out"/profile-*.txt ;;
 c5)  # two H200, ~5 min: the policy sweep at overload with the measured-rate abort estimate
     # (GPU 0); tier runs at alpha 0.3 and a second S2 0 / 1,000-adapter pair (GPU 1)
   (export CUDA_VISIBLE_DEVICES=0

@@ -47,27 +47,44 @@ def _expand_kernel(s_ptr, y_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pag
     first = tl.load(offsets_ptr + seg * 14 + module * 2 + 1)
     if first < 0:
         return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
     n0 = col_block * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     rr = tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # BLOCK_M == 1: tiles of one row each (metadata built with block_m 1, decode): a broadcast
+    # multiply and sum over the rank instead of a matrix product padded to 16 rows.
+    ROWS1: tl.constexpr = BLOCK_M == 1
+    if ROWS1:
+        rows = row0
+        row_mask = row0 < row_end
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         ranks = r0 + rr
         rank_mask = ranks < rank
-        s = tl.load(s_ptr + rows[:, None] * stride_sm + j * s_width + ranks[None, :],
-                    mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
         # Chunk of B^T's row r that holds column n: first + r * (N / CHUNK) + n / CHUNK.
         c = first + ranks * (N // CHUNK) + n0 // CHUNK
         page = tl.load(pages_ptr + page_off + c // CPP, mask=rank_mask, other=0).to(tl.int64)
         base = (page * CPP + c % CPP) * CHUNK + n0 % CHUNK  # [BLOCK_R]
         b = tl.load(pool_ptr + base[:, None] + (cols - n0)[None, :],
                     mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += tl.dot(s.to(b.dtype), b, input_precision=PRECISION)
-    y = y_ptr + rows[:, None] * stride_ym + y_col + cols[None, :]
-    mask = row_mask[:, None] & col_mask[None, :]
+        if ROWS1:
+            s = tl.load(s_ptr + rows * stride_sm + j * s_width + ranks, mask=rank_mask,
+                        other=0.0)
+            acc += tl.sum(s[:, None] * b.to(tl.float32), axis=0)
+        else:
+            s = tl.load(s_ptr + rows[:, None] * stride_sm + j * s_width + ranks[None, :],
+                        mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
+            acc += tl.dot(s.to(b.dtype), b, input_precision=PRECISION)
+    if ROWS1:
+        y = y_ptr + rows * stride_ym + y_col + cols
+        mask = col_mask & row_mask
+    else:
+        y = y_ptr + rows[:, None] * stride_ym + y_col + cols[None, :]
+        mask = row_mask[:, None] & col_mask[None, :]
     prev = tl.load(y, mask=mask, other=0.0)
     tl.store(y, (prev.to(tl.float32) + acc).to(prev.dtype), mask=mask)
 
@@ -94,7 +111,7 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
                 pool_layer: torch.Tensor, meta: LoraKernelMeta, module: str | Sequence[str],
                 chunk: int, chunks_per_page: int, block_m: int, block_n: int = 128,
                 num_warps: int | None = None, num_stages: int = 1,
-                offsets: list[int] | None = None) -> None:
+                offsets: list[int] | None = None, block_r: int | None = None) -> None:
     """y [T, N] += s [T, >= max_rank] · B^T for each segment's adapter, in place.
 
     A fused group in one launch: `module` up to three modules and `y` their outputs, column
@@ -124,7 +141,8 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
     block_n = min(chunk, block_n)
     if num_warps is None:
         num_warps = 4 if meta.num_tiles < 16 and meta.max_rank > 32 else 1
-    block_r = 16 if meta.max_rank <= 16 else 32
+    if block_r is None:
+        block_r = 16 if meta.max_rank <= 16 else 32
     s_width = s.shape[1] // len(modules)
     ns = widths + [0] * (3 - len(widths))
     offs += [0] * (3 - len(offs))

@@ -22,6 +22,29 @@ from loraplane.engine.kernels.lora_meta import (
 # other); one first met while serving costs a compile then. The output's widths are padded to
 # multiples of 16 (shrink_width) so they stay in one class; the counts below vary from step to
 # step and are not specialized on.
+@triton.jit
+def _shrink_acc(acc, x_ptr, rows, row_mask, stride_xm, k0, kk, a_ptrs, rank_mask,
+                ROWS1: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += x[rows, k0 + kk] · A-tile^T for one K block (a_ptrs [BLOCK_R, BLOCK_K]).
+
+    ROWS1: the tile is one row (`rows` a scalar, acc [BLOCK_R]): a broadcast multiply and sum
+    instead of a matrix product whose other 15 rows would be padding; else acc [BLOCK_M,
+    BLOCK_R] and tl.dot."""
+    a = tl.load(a_ptrs, mask=rank_mask[:, None], other=0.0)
+    if ROWS1:
+        x = tl.load(x_ptr + rows * stride_xm + k0 + kk)
+        acc += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    else:
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + kk)[None, :],
+                    mask=row_mask[:, None], other=0.0)
+        acc += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=PRECISION)
+    return acc
+
+
+# Triton compiles a variant per class of each integer argument (multiple of 16, equal to 1,
+# other); one first met while serving costs a compile then. The output's widths are padded to
+# multiples of 16 (shrink_width) so they stay in one class; the counts below vary from step to
+# step and are not specialized on.
 @triton.jit(do_not_specialize=["modules", "rank_blocks"])
 def _shrink_kernel(x_ptr, out_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pages_ptr,
                    K, stride_xm, stride_om, modules, rank_blocks, out_width, k_per_split,
@@ -43,14 +66,21 @@ def _shrink_kernel(x_ptr, out_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, p
     first = tl.load(offsets_ptr + seg * 14 + module * 2)
     if first < 0 or rank_block * BLOCK_R >= rank:
         return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
+    # BLOCK_M == 1: tiles of one row each (metadata built with block_m 1, decode).
+    ROWS1: tl.constexpr = BLOCK_M == 1
+    if ROWS1:
+        rows = row0
+        row_mask = row0 < row_end
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    else:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     ranks = rank_block * BLOCK_R + tl.arange(0, BLOCK_R)
     rank_mask = ranks < rank
     # Chunk of A's row r that holds column k: first + r * (K / CHUNK) + k / CHUNK.
     row_chunk = first + ranks * (K // CHUNK)  # [BLOCK_R]
     kk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     c0 = row_chunk + k_start // CHUNK  # [BLOCK_R] first and last chunk of each row's span
@@ -63,24 +93,24 @@ def _shrink_kernel(x_ptr, out_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, p
         page = tl.load(pages_ptr + page_off + c0 // CPP, mask=rank_mask, other=0).to(tl.int64)
         row_base = (page * CPP + c0 % CPP) * CHUNK - (k_start // CHUNK) * CHUNK  # [BLOCK_R]
         for k0 in range(k_start, k_end, BLOCK_K):
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + kk)[None, :],
-                        mask=row_mask[:, None], other=0.0)
-            a = tl.load(pool_ptr + row_base[:, None] + (k0 + kk)[None, :],
-                        mask=rank_mask[:, None], other=0.0)
-            acc += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=PRECISION)
+            acc = _shrink_acc(acc, x_ptr, rows, row_mask, stride_xm, k0, kk,
+                              pool_ptr + row_base[:, None] + (k0 + kk)[None, :], rank_mask,
+                              ROWS1, PRECISION)
     else:  # a span crossing a page boundary: look the page up chunk by chunk
         for k0 in range(k_start, k_end, BLOCK_K):
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + kk)[None, :],
-                        mask=row_mask[:, None], other=0.0)
             c = row_chunk + k0 // CHUNK
             page = tl.load(pages_ptr + page_off + c // CPP, mask=rank_mask,
                            other=0).to(tl.int64)
             base = (page * CPP + c % CPP) * CHUNK + k0 % CHUNK  # [BLOCK_R] element offsets
-            a = tl.load(pool_ptr + base[:, None] + kk[None, :], mask=rank_mask[:, None],
-                        other=0.0)
-            acc += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=PRECISION)
-    out = out_ptr + rows[:, None] * stride_om + j * out_width + ranks[None, :]
-    mask = row_mask[:, None] & rank_mask[None, :]
+            acc = _shrink_acc(acc, x_ptr, rows, row_mask, stride_xm, k0, kk,
+                              pool_ptr + base[:, None] + kk[None, :], rank_mask, ROWS1,
+                              PRECISION)
+    if ROWS1:
+        out = out_ptr + rows * stride_om + j * out_width + ranks
+        mask = rank_mask & row_mask
+    else:
+        out = out_ptr + rows[:, None] * stride_om + j * out_width + ranks[None, :]
+        mask = row_mask[:, None] & rank_mask[None, :]
     if ATOMIC:
         tl.atomic_add(out, acc, mask=mask)
     else:
@@ -111,7 +141,7 @@ def shrink_width(max_rank: int) -> int:
 def lora_shrink(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
                 module: str | tuple[str, ...], chunk: int, chunks_per_page: int, block_m: int,
                 split_k: int | None = None, block_k: int = 128, num_warps: int | None = None,
-                num_stages: int | None = None) -> torch.Tensor:
+                num_stages: int | None = None, block_r: int | None = None) -> torch.Tensor:
     """x [T, K] -> s [T, M * W] float32 for M modules reading x, W = shrink_width(max_rank)
     (module j's block at columns j * W...); rows outside every segment, and columns past a
     segment's rank, stay zero.
@@ -131,7 +161,8 @@ def lora_shrink(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
     if meta.num_tiles == 0:
         return out
     block_k = min(chunk, block_k)
-    block_r = 16 if meta.max_rank <= 16 else 32
+    if block_r is None:
+        block_r = 16 if meta.max_rank <= 16 else 32
     rank_blocks = triton.cdiv(meta.max_rank, block_r)
     if split_k is None:
         split_k = shrink_split(meta.num_tiles * rank_blocks, k // block_k)
