@@ -27,6 +27,7 @@
 #                      tier runs at alpha 1 and the LoRA kernel bench
 #   c3 (two H200): TP graphs check; LoRA kernel bench, S2 ratios, 32 rows vs PEFT, tier runs,
 #                  fused-layer check
+#   c6 (two H200): c3 without the TP check
 #   k1 (one H200): LoRA kernel launch variants at batch 64; profiled batch-1 decode
 #   c5 (two H200): policy sweep cv 1/2/4/8; tier runs at alpha 0.3; S2 0 / 1,000 again
 #   verify (two H200): TP graphs check, then tier runs (GPU 0) beside a short policy sweep and
@@ -128,6 +129,24 @@ c3)  # two H200, ~7 min: after the LoRA launch cuts (module masks, group expand,
     # hoisted, no per-step specializations): TP graphs check, then the #3 targets side by side
   timeout 150 python3 bench/tp_graph_check.py --tp 2 --out "$out" 2>&1 \
     | tee "$out/tp-graph-check.log" | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout 90 python3 bench/kernels/lora_bench.py --batch 16 64 --ranks 16 64 --out "$out" 2>&1 \
+     | grep -v -i warn | tail -12
+   for n in 0 1000 5 2000; do
+     bench 95 --setting S2 --num-adapters $n --num-requests 200 --saturate
+   done) &
+  (export CUDA_VISIBLE_DEVICES=1
+   bench 200 --setting S2 --ranks 16 --num-adapters 32 --num-requests 32 --round-robin-adapters \
+     --input-range 256 256 --output-range 64 64 --max-num-seqs 32 --saturate --baseline peft
+   for pf in "" --no-prefetch; do
+     bench 95 --setting S2 --num-adapters 2000 --alpha 1 --adapter-source disk \
+       --host-cache-memory 16 --pool-memory 40 --saturate --num-requests 120 $pf
+   done
+   timeout 150 python3 bench/fused_check.py --out "$out" 2>&1 | grep -v -i warn | tail -12
+  ) &
+  wait ;;
+c6)  # two H200, ~5.5 min: c3 without the TP check (after the one-row tile path in the LoRA
+    # kernels): the #3 targets side by side, tier runs at alpha 1
   (export CUDA_VISIBLE_DEVICES=0
    timeout 90 python3 bench/kernels/lora_bench.py --batch 16 64 --ranks 16 64 --out "$out" 2>&1 \
      | grep -v -i warn | tail -12
