@@ -28,6 +28,7 @@
 #   c3 (two H200): TP graphs check; LoRA kernel bench, S2 ratios, 32 rows vs PEFT, tier runs,
 #                  fused-layer check
 #   c6 (two H200): c3 without the TP check
+#   c7 (two H200): TP check; S4 TP 2 with and without LoRA collectives; kernel bench; S2 ratios
 #   k1 (one H200): LoRA kernel launch variants at batch 64; profiled batch-1 decode
 #   c5 (two H200): policy sweep cv 1/2/4/8; tier runs at alpha 0.3; S2 0 / 1,000 again
 #   verify (two H200): TP graphs check, then tier runs (GPU 0) beside a short policy sweep and
@@ -74,8 +75,8 @@ tp)  # each run writes its JSON at once
     bench 100 --setting S4 --ranks 16 32 64 --num-adapters "$2" --tensor-parallel-size "$1" \
       --saturate --num-requests 150 --sets-per-rank 4 --no-cuda-graphs | tail -4
   done ;;
-tpg)
-  timeout 150 python3 bench/tp_graph_check.py --tp 2 --out "$out" 2>&1 \
+tpg|tpg-runs)  # tpg-runs: the S4 runs alone
+  [ "$part" = tpg ] && timeout 150 python3 bench/tp_graph_check.py --tp 2 --out "$out" 2>&1 \
     | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
   for spec in ${TPG_RUNS:-1:100 2:100 2:0 2:100:skip}; do  # TP size:adapters[:skip]
     IFS=: read -r -a f <<< "$spec"; set -- "${f[@]}"
@@ -145,6 +146,24 @@ c3)  # two H200, ~7 min: after the LoRA launch cuts (module masks, group expand,
    timeout 150 python3 bench/fused_check.py --out "$out" 2>&1 | grep -v -i warn | tail -12
   ) &
   wait ;;
+c7)  # two H200, ~6.5 min: after the meta alignment and the start-up kernel compiles: TP graphs
+    # check, S4 TP 2 with and without the LoRA collectives, then the LoRA kernel bench and S2
+    # 0 / 1,000 (GPU 0) beside S2 5 / 2,000 (GPU 1); logs leave $out (8 files come back)
+  timeout 150 python3 bench/tp_graph_check.py --tp 2 --out "$out" 2>&1 \
+    | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
+  TPG_RUNS="2:100 2:100:skip" bash "$0" tpg-runs "$out"
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout 90 python3 bench/kernels/lora_bench.py --batch 16 64 --ranks 16 64 --out "$out" 2>&1 \
+     | grep -v -i warn | tail -9
+   for n in 0 1000; do bench 95 --setting S2 --num-adapters $n --num-requests 200 --saturate; done
+  ) > /tmp/gpu0.log 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   for n in 5 2000; do bench 95 --setting S2 --num-adapters $n --num-requests 200 --saturate; done
+  ) > /tmp/gpu1.log 2>&1 &
+  wait
+  grep -h -v -e '^ *$' /tmp/gpu0.log /tmp/gpu1.log | grep -v -e "^date" -e "^engine:" \
+    -e "^versions" -e "^machine" | tail -40
+  mkdir -p /tmp/logs && mv "$out"/*.log /tmp/logs/ 2>/dev/null; ls "$out" ;;
 c6)  # two H200, ~5.5 min: c3 without the TP check (after the one-row tile path in the LoRA
     # kernels): the #3 targets side by side, tier runs at alpha 1
   (export CUDA_VISIBLE_DEVICES=0

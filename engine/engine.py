@@ -110,6 +110,12 @@ class LLMEngine:
             prefetch=engine_config.prefetch, load_workers=engine_config.adapter_load_workers)
         make_op = lora_op or default_lora_op(device)
         self.lora: LoraState = apply_lora(parts.model, make_op(self.pool))
+        if device.type == "cuda":
+            start = time.perf_counter()
+            if launches := self.lora.op.compile_kernels(parts.config):
+                log.info("LoRA kernels: %d variants ready in %.1f s (compiled now, not while "
+                         "requests wait; Triton's disk cache keeps them for the next start)",
+                         launches, time.perf_counter() - start)
         self.runner = ModelRunner(parts.model, self.pool, self.lora)
         # The clock of arrivals, first tokens and the policy (tests inject a fake one).
         self.clock = clock

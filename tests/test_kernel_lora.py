@@ -248,3 +248,37 @@ def test_a_group_left_unfinished_is_not_dropped_silently(caplog: pytest.LogCaptu
         else:
             op.prepare([])
             assert "never ran" in caplog.text
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_metadata_sections_start_16_byte_aligned(case: int) -> None:
+    """Triton specializes on pointer alignment: every section of the packed metadata starts
+    16 bytes aligned whatever the step's counts, so the compiled variant does not change."""
+    from loraplane.engine.kernels.lora_meta import StaticMeta, StaticShape
+
+    ranks, lengths, skip = CASES[case]
+    pool, adapters, _ = setup(NAMED_SHAPES["tiny"], torch.float32, ranks, seed=case)
+    segs, _ = segments_for(adapters, lengths, skip)
+    static = StaticMeta(StaticShape(tiles=64, segs=9, pages=200, max_rank=64), 16,
+                        torch.device("cpu"))
+    for meta in (build_meta(segs, 16, torch.device("cpu")), static.fill(segs)):
+        for t in (meta.tiles, meta.segs, meta.offsets, meta.pages):
+            assert t.data_ptr() % 16 == 0
+    want = build_meta(segs, 16, torch.device("cpu"))
+    assert want.segs[:, 2].tolist() == [s.adapter.rank for s in segs]
+    assert want.tiles[:, 0].max().item() == len(segs) - 1
+
+
+def test_kernel_variants_compile_up_front() -> None:
+    """The engine's start-up launch of every shrink/expand variant runs (programs return at
+    once on the rank-0 metadata) and leaves the pool untouched."""
+    from loraplane.engine.lora.triton_op import compile_lora_kernels
+
+    cfg = NAMED_SHAPES["tiny"]
+    pool, _, _ = setup(cfg, torch.float32, [4], seed=0)
+    before = pool.data.clone()
+    launches = compile_lora_kernels(pool, cfg, 16)
+    ins = {cfg.module_shape(m)[0] for m in LORA_MODULES}
+    outs = {cfg.module_shape(m)[1] for m in LORA_MODULES}
+    assert launches == 2 * (4 * len(ins) + 2 * len(outs))
+    assert torch.equal(pool.data, before)

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from loraplane.engine.config import ModelConfig
 from loraplane.engine.distributed.sharding import ROW_PARALLEL, padded_rank
 from loraplane.engine.kernels.lora_expand import lora_expand, lora_expand_ref
 from loraplane.engine.kernels.lora_meta import LoraKernelMeta, StaticMeta, StaticShape, build_meta
 from loraplane.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref
 from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment, targeted_modules
-from loraplane.engine.lora.triton_op import targeted_group
+from loraplane.engine.lora.triton_op import compile_lora_kernels, targeted_group
 from loraplane.engine.memory_pool import DevicePool
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ class TensorParallelLoraOp(LoraOp):
             return StaticMeta(StaticShape(tiles=rows, segs=rows + 1, pages=pages, max_rank=rank),
                               self.block_m, dev)
         return ShardedStaticMeta(static(cap), static(cap // self.world), self.world)
+
+    def compile_kernels(self, config: ModelConfig) -> int:
+        return compile_lora_kernels(self.pool, config, self.block_m) if self.kernels else 0
 
     def prepare(self, segments: list[LoraSegment]) -> LoraBatch:
         self._pending.clear()

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 MODULE_INDEX = {m: i for i, m in enumerate(LORA_MODULES)}
 SEG_FIELDS = 4  # row_start, row_end, rank, page table offset
 TILE_FIELDS = 2  # segment index, first row
+# Each section of the packed buffer starts 16 bytes aligned: Triton specializes a kernel on its
+# pointer arguments' 16-byte alignment, and sections that start wherever the previous one ends
+# made the alignment (so the compiled variant) change from step to step.
+ALIGN = 4  # int32 elements
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,8 @@ class StaticShape:
 
 def _pack(segments: list[LoraSegment], block_m: int, static: StaticShape | None,
           ranks: list[int] | None = None) -> tuple[list[int], tuple[int, int, int], int, int]:
-    """Host int32 values [tiles | segs | offsets | pages] and the sizes of the first three.
+    """Host int32 values [tiles | segs | offsets | pages], each section but the last padded to
+    ALIGN, and the unpadded sizes of the first three.
 
     ranks: the rank each segment's kernels use instead of its adapter's (tensor parallelism
     reads a shard's rows of A with a rank of r_pad / N, see distributed/lora_op.py).
@@ -83,18 +88,24 @@ def _pack(segments: list[LoraSegment], block_m: int, static: StaticShape | None,
         offsets += [-1] * (2 * len(LORA_MODULES) * (static.segs - len(segments)))
         pages += [0] * (static.pages - len(pages))
         num_tiles, max_rank = static.tiles, static.max_rank
-    return tiles + segs + offsets + pages, (len(tiles), len(segs), len(offsets)), num_tiles, \
-        max_rank
+    sizes = (len(tiles), len(segs), len(offsets))
+    values: list[int] = []
+    for section in (tiles, segs, offsets):
+        values += section + [0] * (-len(section) % ALIGN)
+    return values + pages, sizes, num_tiles, max_rank
 
 
 def _views(flat: torch.Tensor, sizes: tuple[int, int, int], num_tiles: int,
            max_rank: int) -> LoraKernelMeta:
     n_t, n_s, n_o = sizes
+    s0 = n_t + -n_t % ALIGN  # where each section starts (see ALIGN)
+    o0 = s0 + n_s + -n_s % ALIGN
+    p0 = o0 + n_o + -n_o % ALIGN
     return LoraKernelMeta(
         tiles=flat[:n_t].view(-1, TILE_FIELDS),
-        segs=flat[n_t:n_t + n_s].view(-1, SEG_FIELDS),
-        offsets=flat[n_t + n_s:n_t + n_s + n_o].view(-1, len(LORA_MODULES), 2),
-        pages=flat[n_t + n_s + n_o:],
+        segs=flat[s0:s0 + n_s].view(-1, SEG_FIELDS),
+        offsets=flat[o0:o0 + n_o].view(-1, len(LORA_MODULES), 2),
+        pages=flat[p0:],
         num_tiles=num_tiles,
         max_rank=max_rank,
     )

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from loraplane.engine.adapter_cache import Adapter
-from loraplane.engine.config import LORA_MODULES
+from loraplane.engine.config import LORA_MODULES, ModelConfig
 from loraplane.engine.memory_pool import DevicePool
 
 
@@ -51,6 +51,11 @@ class LoraOp(ABC):
     def prepare(self, segments: list[LoraSegment]) -> LoraBatch:
         """Turn the step's segments into whatever the implementation reads in `apply`."""
         return LoraBatch(segments, modules=targeted_modules(segments))
+
+    def compile_kernels(self, config: ModelConfig) -> int:
+        """Compile, before serving, whatever kernels `apply` would otherwise compile on first
+        use; returns how many launches that took (none here)."""
+        return 0
 
     @abstractmethod
     def apply(self, x: torch.Tensor, y: torch.Tensor, layer: int, module: str,

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraplane.engine.config import FUSED_GROUPS
+from loraplane.engine.config import FUSED_GROUPS, LORA_MODULES, ModelConfig
 from loraplane.engine.kernels.lora_expand import column_offsets, lora_expand
 from loraplane.engine.kernels.lora_meta import StaticMeta, StaticShape, build_meta
-from loraplane.engine.kernels.lora_shrink import lora_shrink
+from loraplane.engine.kernels.lora_shrink import lora_shrink, shrink_width
 from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment, targeted_modules
 from loraplane.engine.memory_pool import DevicePool
 
@@ -23,6 +23,38 @@ def targeted_group(module: str, modules: frozenset[str]) -> tuple[str, ...]:
     """The members of `module`'s group (itself alone if it has none) among `modules`, in the
     group's order: what one shrink launch covers."""
     return tuple(m for m in GROUP_OF.get(module, (module,)) if m in modules)
+
+
+def compile_lora_kernels(pool: DevicePool, config: ModelConfig, block_m: int) -> int:
+    """Launch the shrink and expand once in every variant serving can hit, on metadata whose
+    tiles all point at a rank-0 segment (every program returns at once), so Triton compiles
+    them now and not while a request waits (up to a second each on the H200; its disk cache
+    makes later starts quick). Variants: rank tile 16 or 32, split-K or not, and the two
+    warp/stage settings for the shrink; rank tile 16 or 32 with 1 or 4 warps for the expand;
+    the projections' widths (Triton specializes on their divisibility). Returns the launches."""
+    dev, dtype = pool.data.device, pool.data.dtype
+    lay = pool.layout
+    launches = 0
+    shapes = {m: config.module_shape(m) for m in LORA_MODULES}
+    for block_r in (16, 32):
+        meta = StaticMeta(StaticShape(tiles=1, segs=1, pages=1, max_rank=block_r), block_m,
+                          dev).meta
+        for k in sorted({i for i, _ in shapes.values()}):
+            x = torch.zeros(1, k, dtype=dtype, device=dev)
+            for split in (1, 2):
+                for warps_stages in (2, 4):
+                    lora_shrink(x, pool.data[0], meta, "q_proj", lay.chunk, lay.chunks_per_page,
+                                block_m, split_k=split, num_warps=warps_stages,
+                                num_stages=warps_stages, block_r=block_r)
+                    launches += 1
+        s = torch.zeros(1, shrink_width(block_r), dtype=torch.float32, device=dev)
+        for n in sorted({o for _, o in shapes.values()}):
+            y = torch.zeros(1, n, dtype=dtype, device=dev)
+            for warps in (1, 4):
+                lora_expand(s, y, pool.data[0], meta, "q_proj", lay.chunk, lay.chunks_per_page,
+                            block_m, num_warps=warps, block_r=block_r)
+                launches += 1
+    return launches
 
 
 @dataclass
@@ -79,6 +111,9 @@ class TritonLoraOp(LoraOp):
         shape = StaticShape(tiles=rows, segs=rows + 1, pages=rows * per_adapter,
                             max_rank=max_rank)
         return StaticMeta(shape, self.block_m, self.pool.data.device)
+
+    def compile_kernels(self, config: ModelConfig) -> int:
+        return compile_lora_kernels(self.pool, config, self.block_m)
 
     def _group_shrink(self, x: torch.Tensor, layer: int, module: str,
                       batch: LoraBatch) -> _Shrunk:
