@@ -282,3 +282,13 @@ def test_kernel_variants_compile_up_front() -> None:
     outs = {cfg.module_shape(m)[1] for m in LORA_MODULES}
     assert launches == 2 * (4 * len(ins) + 2 * len(outs))
     assert torch.equal(pool.data, before)
+
+
+def test_split_k_rule() -> None:
+    """Split-K fills TARGET_PROGRAMS programs, never past MAX_SPLIT nor the K blocks."""
+    from loraplane.engine.kernels.lora_shrink import MAX_SPLIT, TARGET_PROGRAMS, shrink_split
+
+    assert shrink_split(128, 32) == TARGET_PROGRAMS // 128  # 64 rows x 2 rank blocks: 4
+    assert shrink_split(5, 32) == MAX_SPLIT  # few tiles: capped, not 64
+    assert shrink_split(5, 4) == 4  # no more splits than K blocks
+    assert shrink_split(TARGET_PROGRAMS, 32) == 1
