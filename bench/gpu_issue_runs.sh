@@ -28,6 +28,7 @@
 #   c3 (two H200): TP graphs check; LoRA kernel bench, S2 ratios, 32 rows vs PEFT, tier runs,
 #                  fused-layer check
 #   c6 (two H200): c3 without the TP check
+#   p8 (two H200): profiles of S2's early (prefill and mixed) steps, 1,000 adapters vs none
 #   c7 (two H200): TP check; S4 TP 2 with and without LoRA collectives; kernel bench; S2 ratios
 #   k1 (one H200): LoRA kernel launch variants at batch 64; profiled batch-1 decode
 #   c5 (two H200): policy sweep cv 1/2/4/8; tier runs at alpha 0.3; S2 0 / 1,000 again
@@ -146,6 +147,17 @@ c3)  # two H200, ~7 min: after the LoRA launch cuts (module masks, group expand,
    timeout 150 python3 bench/fused_check.py --out "$out" 2>&1 | grep -v -i warn | tail -12
   ) &
   wait ;;
+p8)  # two H200, ~2 min: where S2's prefill and mixed steps go with 1,000 adapters (GPU 0)
+    # and without LoRA (GPU 1): profiles of steps 5..64 (admissions and prefills happen there)
+  (export CUDA_VISIBLE_DEVICES=0
+   bench 95 --setting S2 --num-adapters 1000 --num-requests 200 --saturate --profile-steps 5 60
+  ) > /tmp/gpu0.log 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   bench 95 --setting S2 --num-adapters 0 --num-requests 200 --saturate --profile-steps 5 60
+  ) > /tmp/gpu1.log 2>&1 &
+  wait
+  grep -h -A2 '^system' /tmp/gpu0.log /tmp/gpu1.log
+  for f in "$out"/profile-*.txt; do echo "== $f"; head -c 5000 "$f"; done ;;
 c7)  # two H200, ~6.5 min: after the meta alignment and the start-up kernel compiles: TP graphs
     # check, S4 TP 2 with and without the LoRA collectives, then the LoRA kernel bench and S2
     # 0 / 1,000 (GPU 0) beside S2 5 / 2,000 (GPU 1); logs leave $out (8 files come back)
