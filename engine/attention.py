@@ -91,11 +91,10 @@ class TorchAttention:
                    torch.tensor(decode_rows, dtype=torch.int64, device=device),
                    dslots.to(device), mask.to(device), tuple(prefills))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-               scale: float) -> torch.Tensor:
-        """Store k/v [T, kvh, hd] in the cache [slots, 2, kvh, hd]; attend q [T, nh, hd] to it."""
-        store_kv(k, v, kv_cache, self.slot_mapping)
-        kvh = k.shape[1]
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attend q [T, nh, hd] to the cache [slots, 2, kvh, hd], which holds the step's own
+        keys and values already (the model's Rotary.rotate_store wrote them)."""
+        kvh = kv_cache.shape[2]
         groups = q.shape[1] // kvh
         out = torch.empty_like(q)
         if self.decode_rows.numel():
@@ -174,15 +173,14 @@ class TritonAttention:
             block_size=block_size,
         )
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-               scale: float) -> torch.Tensor:
-        """Store k/v [T, kvh, hd]; attend q [T, nh, hd] with the decode and prefill kernels."""
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attend q [T, nh, hd] with the decode and prefill kernels to the cache, which holds
+        the step's own keys and values already (Rotary.rotate_store)."""
         from loraplane.engine.kernels.paged_attention import (
             paged_decode_attention,
             paged_prefill_attention,
         )
 
-        store_kv(k, v, kv_cache, self.slot_mapping)
         pages = kv_cache.view(-1, self.block_size, *kv_cache.shape[1:])  # [P, bs, 2, kvh, hd]
         d = self.num_decode
         if d == q.shape[0]:

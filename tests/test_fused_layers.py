@@ -17,12 +17,12 @@ triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 from loraplane.engine.adapters import LoraWeights, random_lora_weights  # noqa: E402
-from loraplane.engine.attention import SeqSlice, TorchAttention  # noqa: E402
+from loraplane.engine.attention import SeqSlice, TorchAttention, store_kv  # noqa: E402
 from loraplane.engine.config import LORA_MODULES, NAMED_SHAPES, EngineConfig  # noqa: E402
 from loraplane.engine.distributed.sharding import slice_linear  # noqa: E402
 from loraplane.engine.engine import EngineParts, LLMEngine  # noqa: E402
 from loraplane.engine.kernels.rms_norm import add_rms_norm  # noqa: E402
-from loraplane.engine.kernels.rotary import rotary_qk  # noqa: E402
+from loraplane.engine.kernels.rotary import rotary_qk, rotary_qk_store  # noqa: E402
 from loraplane.engine.kernels.silu_mul import silu_mul, silu_mul_ref  # noqa: E402
 from loraplane.engine.lora.layers import LoraLinear, apply_lora  # noqa: E402
 from loraplane.engine.lora.ops import TorchLoraOp  # noqa: E402
@@ -117,6 +117,37 @@ def test_rotary_qk_matches_two_rotations(dtype: torch.dtype, q_heads: int, kv_he
                                rtol=_tol(dtype))
     torch.testing.assert_close(got_k, rotate(k, positions, cos, sin), atol=_tol(dtype),
                                rtol=_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(4, 2, 16), (3, 1, 8), (20, 4, 64)])
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32], ids=str)
+def test_rotary_qk_store_matches_rotation_then_store(dtype: torch.dtype, q_heads: int,
+                                                     kv_heads: int, head_dim: int,
+                                                     slot_dtype: torch.dtype) -> None:
+    """One launch rotates q, k and writes the rotated k and v into their cache slots; the
+    same as two rotations and store_kv, and no other slot changes."""
+    gen = torch.Generator().manual_seed(q_heads + head_dim)
+    inv = rope_inv_freq(head_dim, 10000.0, None)
+    freqs = torch.arange(300, dtype=torch.float32)[:, None] * inv[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    t = 6
+    qkv = torch.randn(t, (q_heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    q = qkv[:, :q_heads * head_dim].view(t, q_heads, head_dim)
+    k = qkv[:, q_heads * head_dim:(q_heads + kv_heads) * head_dim].view(t, kv_heads, head_dim)
+    v = qkv[:, (q_heads + kv_heads) * head_dim:].view(t, kv_heads, head_dim)
+    positions = torch.tensor([0, 1, 299, 42, 42, 7], dtype=torch.int32)
+    slots = torch.tensor([9, 0, 31, 4, 5, 17], dtype=slot_dtype)
+    cache = torch.randn(32, 2, kv_heads, head_dim, generator=gen).to(dtype)
+    want_cache = cache.clone()
+    store_kv(rotate(k, positions, cos, sin), v, want_cache, slots.long())
+    got_q = rotary_qk_store(q, k, v, positions, cos, sin, cache, slots)
+    tol = _tol(dtype)
+    torch.testing.assert_close(got_q, rotate(q, positions, cos, sin), atol=tol, rtol=tol)
+    torch.testing.assert_close(cache, want_cache, atol=tol, rtol=tol)
+    with pytest.raises(ValueError):
+        rotary_qk_store(q, k, v, positions, cos, sin, cache[:, :1], slots)
 
 
 # ---- the model --------------------------------------------------------------------------

@@ -36,11 +36,28 @@ def _rotate_heads(x_ptr, out_ptr, t, head_block, H, stride_xt, stride_xh, stride
 def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, HQ, HK, q_blocks,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh,
                    stride_kot, stride_koh, stride_c,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    # Axis 1: the query head blocks, then the key head blocks.
+                   v_ptr, cache_ptr, slot_ptr, stride_vt, stride_vh, stride_cs, stride_ckv,
+                   stride_ch,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, STORE: tl.constexpr):
+    # Axis 1: the query head blocks, then the key head blocks, then (STORE) the value head
+    # blocks. STORE: rotated keys and the values go straight into their KV-cache slot
+    # (cache [slots, 2, kvh, hd]) instead of ko, which replaces two scatter launches (and
+    # their copies) a layer.
     t = tl.program_id(0)
     hb = tl.program_id(1)
     d = tl.arange(0, HALF)
+    k_blocks = tl.cdiv(HK, BLOCK_H)
+    if STORE:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if hb >= q_blocks + k_blocks:  # values: a plain copy into the slot
+            heads = (hb - q_blocks - k_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+            hmask = heads[:, None] < HK
+            dd = tl.arange(0, 2 * HALF)
+            v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + dd[None, :],
+                        mask=hmask, other=0.0)
+            dst = cache_ptr + slot * stride_cs + stride_ckv + heads[:, None] * stride_ch
+            tl.store(dst + dd[None, :], v.to(cache_ptr.dtype.element_ty), mask=hmask)
+            return
     pos = tl.load(pos_ptr + t).to(tl.int64)
     dt = qo_ptr.dtype.element_ty
     # cos/sin rows [hd] in float32, rounded to the working dtype as the module does.
@@ -51,9 +68,18 @@ def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, HQ, 
     if hb < q_blocks:
         _rotate_heads(q_ptr, qo_ptr, t, hb, HQ, stride_qt, stride_qh, stride_qot, stride_qoh,
                       c1, c2, s1, s2, HALF, BLOCK_H)
+    elif STORE:  # keys into the slot's k half (row offset 0: the slot's base pointer)
+        _rotate_heads(k_ptr, cache_ptr + slot * stride_cs, t, hb - q_blocks, HK, stride_kt,
+                      stride_kh, 0, stride_ch, c1, c2, s1, s2, HALF, BLOCK_H)
     else:
         _rotate_heads(k_ptr, ko_ptr, t, hb - q_blocks, HK, stride_kt, stride_kh, stride_kot,
                       stride_koh, c1, c2, s1, s2, HALF, BLOCK_H)
+
+
+def _no_store(x: torch.Tensor, positions: torch.Tensor) -> tuple[object, ...]:
+    """The STORE arguments of a launch without a cache: tensors of the launch's device as
+    pointers, zero strides; never read."""
+    return (x, x, positions, 0, 0, 0, 0, 0)
 
 
 def rotary_supported(head_dim: int) -> bool:
@@ -92,8 +118,42 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: to
         _rotary_kernel[grid](
             q, k, positions, cos, sin, q_out, k_out, hq, hk, q_blocks, q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), q_out.stride(0), q_out.stride(1), k_out.stride(0),
-            k_out.stride(1), cos.stride(0), HALF=hd // 2, BLOCK_H=block_h, num_warps=2)
+            k_out.stride(1), cos.stride(0), *_no_store(q, positions), HALF=hd // 2, BLOCK_H=block_h,
+            STORE=False, num_warps=2)
     return q_out, k_out
+
+
+def rotary_qk_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotate q [T, nh, hd] and k [T, kvh, hd] by each row's position and write the rotated k
+    and v [T, kvh, hd] into row t's slot slot_mapping[t] of kv_cache [slots, 2, kvh, hd], all in
+    one launch (any row and head strides; cos/sin [max_positions, hd] float32). Returns the
+    rotated q, a new contiguous tensor."""
+    _check(q, positions, cos, sin)
+    _check(k, positions, cos, sin)
+    t, hq, hd = q.shape
+    hk = k.shape[1]
+    if k.shape[0] != t or k.shape[2] != hd or k.dtype != q.dtype or v.shape != k.shape \
+            or v.stride(2) != 1:
+        raise ValueError(f"rotary: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype} "
+                         f"and v {tuple(v.shape)} do not fit together")
+    if kv_cache.dim() != 4 or kv_cache.shape[1:] != (2, hk, hd) or kv_cache.stride(3) != 1 \
+            or slot_mapping.shape != (t,) or slot_mapping.stride(0) != 1:
+        raise ValueError(f"rotary: cache {tuple(kv_cache.shape)} or slots "
+                         f"{tuple(slot_mapping.shape)} do not fit k {tuple(k.shape)}")
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if t:
+        block_h = min(triton.next_power_of_2(max(hq, hk)), 16)
+        q_blocks = triton.cdiv(hq, block_h)
+        kv_blocks = triton.cdiv(hk, block_h)
+        _rotary_kernel[(t, q_blocks + 2 * kv_blocks)](
+            q, k, positions, cos, sin, q_out, q_out, hq, hk, q_blocks, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), q_out.stride(0), q_out.stride(1), 0, 0, cos.stride(0),
+            v, kv_cache, slot_mapping, v.stride(0), v.stride(1), kv_cache.stride(0),
+            kv_cache.stride(1), kv_cache.stride(2), HALF=hd // 2, BLOCK_H=block_h, STORE=True,
+            num_warps=2)
+    return q_out
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
@@ -109,5 +169,6 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
         _rotary_kernel[(t, q_blocks)](
             x, x, positions, cos, sin, out, out, h, 0, q_blocks, x.stride(0), x.stride(1),
             x.stride(0), x.stride(1), out.stride(0), out.stride(1), out.stride(0),
-            out.stride(1), cos.stride(0), HALF=hd // 2, BLOCK_H=block_h, num_warps=2)
+            out.stride(1), cos.stride(0), *_no_store(x, positions), HALF=hd // 2, BLOCK_H=block_h,
+            STORE=False, num_warps=2)
     return out

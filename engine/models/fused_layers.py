@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from loraplane.engine.attention import AttentionMetadata
 from loraplane.engine.config import FUSED_GROUPS
 from loraplane.engine.kernels.rms_norm import add_rms_norm
-from loraplane.engine.kernels.rotary import rotary_qk, rotary_supported
+from loraplane.engine.kernels.rotary import rotary_qk, rotary_qk_store, rotary_supported
 from loraplane.engine.kernels.silu_mul import silu_mul
 from loraplane.engine.models.llama import (
     MLP,
@@ -109,11 +109,17 @@ class FusedMLP(MLP):
 
 
 class FusedRotary(TritonRotary):
-    """Rotary embedding with a layer's queries and keys rotated in one launch."""
+    """Rotary embedding with a layer's queries and keys rotated in one launch, and with the
+    keys and values stored into the KV cache by that same launch."""
 
     def rotate_qk(self, q: torch.Tensor, k: torch.Tensor,
                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rotary_qk(q, k, positions, self.cos, self.sin)
+
+    def rotate_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     positions: torch.Tensor, kv_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> torch.Tensor:
+        return rotary_qk_store(q, k, v, positions, self.cos, self.sin, kv_cache, slot_mapping)
 
 
 def _add_norm(h: torch.Tensor, delta: torch.Tensor,

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from loraplane.engine.attention import AttentionMetadata
+from loraplane.engine.attention import AttentionMetadata, store_kv
 from loraplane.engine.config import ModelConfig, RopeScaling
 
 
@@ -91,6 +91,15 @@ class Rotary(nn.Module):
         """A layer's queries [T, nh, hd] and keys [T, kvh, hd], each rotated."""
         return self(q, positions), self(k, positions)
 
+    def rotate_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     positions: torch.Tensor, kv_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Rotate q [T, nh, hd] and k [T, kvh, hd], write the rotated k and v [T, kvh, hd] into
+        their slots of the layer's cache [slots, 2, kvh, hd]; returns the rotated q."""
+        q, k = self.rotate_qk(q, k, positions)
+        store_kv(k, v, kv_cache, slot_mapping)
+        return q
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
@@ -109,8 +118,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(t, -1, self.head_dim)  # [T, nh, hd]
         k = self.k_proj(x).view(t, -1, self.head_dim)  # [T, kvh, hd]
         v = self.v_proj(x).view(t, -1, self.head_dim)
-        q, k = rotary.rotate_qk(q, k, positions)
-        o = meta.attend(q, k, v, kv_cache, self.scale)
+        q = rotary.rotate_store(q, k, v, positions, kv_cache, meta.slot_mapping)
+        o = meta.attend(q, kv_cache, self.scale)
         return self.o_proj(o.reshape(t, -1))
 
 
