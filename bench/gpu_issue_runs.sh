@@ -28,6 +28,8 @@
 #   c3 (two H200): TP graphs check; LoRA kernel bench, S2 ratios, 32 rows vs PEFT, tier runs,
 #                  fused-layer check
 #   c6 (two H200): c3 without the TP check
+#   c8 (two H200): the rotary-store launch checked (TP graphs, fused logits, batch 1), 32-row
+#                  PEFT ratio, S2 0 / 1,000 and a profile of the 1,000-adapter run's early steps
 #   p8 (two H200): profiles of S2's early (prefill and mixed) steps, 1,000 adapters vs none
 #   c7 (two H200): TP check; S4 TP 2 with and without LoRA collectives; kernel bench; S2 ratios
 #   k1 (one H200): LoRA kernel launch variants at batch 64; profiled batch-1 decode
@@ -147,6 +149,25 @@ c3)  # two H200, ~7 min: after the LoRA launch cuts (module masks, group expand,
    timeout 150 python3 bench/fused_check.py --out "$out" 2>&1 | grep -v -i warn | tail -12
   ) &
   wait ;;
+c8)  # two H200, ~6 min, the next session's first call: the rotary launch that stores k and v
+    # (6056f06, CPU-tested only) checked on the GPU (TP graphs check; fused vs unfused logits
+    # and the batch-1 step), then the 32-row PEFT ratio and S2 0 / 1,000 with a profile of the
+    # early steps
+  timeout 150 python3 bench/tp_graph_check.py --tp 2 --out "$out" 2>&1 \
+    | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout 150 python3 bench/fused_check.py --out "$out" 2>&1 | grep -v -i warn | tail -8
+   for n in 0 1000; do bench 95 --setting S2 --num-adapters $n --num-requests 200 --saturate; done
+  ) > /tmp/gpu0.log 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   bench 200 --setting S2 --ranks 16 --num-adapters 32 --num-requests 32 --round-robin-adapters \
+     --input-range 256 256 --output-range 64 64 --max-num-seqs 32 --saturate --baseline peft
+   bench 95 --setting S2 --num-adapters 1000 --num-requests 200 --saturate --profile-steps 5 60
+  ) > /tmp/gpu1.log 2>&1 &
+  wait
+  grep -h -v -e '^ *$' /tmp/gpu0.log /tmp/gpu1.log | grep -v -e "^date" -e "^engine:" \
+    -e "^versions" -e "^machine" | tail -40
+  mkdir -p /tmp/logs && mv "$out"/*.log /tmp/logs/ 2>/dev/null; ls "$out" ;;
 p8)  # two H200, ~2 min: where S2's prefill and mixed steps go with 1,000 adapters (GPU 0)
     # and without LoRA (GPU 1): profiles of steps 5..64 (admissions and prefills happen there)
   (export CUDA_VISIBLE_DEVICES=0
