@@ -162,12 +162,14 @@ c8)  # two H200, ~6 min, the next session's first call: the rotary launch that s
   (export CUDA_VISIBLE_DEVICES=1
    bench 200 --setting S2 --ranks 16 --num-adapters 32 --num-requests 32 --round-robin-adapters \
      --input-range 256 256 --output-range 64 64 --max-num-seqs 32 --saturate --baseline peft
+   out="$out/profiled"; mkdir -p "$out"  # its JSON would take the unprofiled run's name
    bench 95 --setting S2 --num-adapters 1000 --num-requests 200 --saturate --profile-steps 5 60
   ) > /tmp/gpu1.log 2>&1 &
   wait
   grep -h -v -e '^ *$' /tmp/gpu0.log /tmp/gpu1.log | grep -v -e "^date" -e "^engine:" \
     -e "^versions" -e "^machine" | tail -40
-  mkdir -p /tmp/logs && mv "$out"/*.log /tmp/logs/ 2>/dev/null; ls "$out" ;;
+  mkdir -p /tmp/logs && mv "$out"/*.log "$out"/profiled/*.log /tmp/logs/ 2>/dev/null
+  ls -R "$out" ;;
 p8)  # two H200, ~2 min: where S2's prefill and mixed steps go with 1,000 adapters (GPU 0)
     # and without LoRA (GPU 1): profiles of steps 5..64 (admissions and prefills happen there)
   (export CUDA_VISIBLE_DEVICES=0
