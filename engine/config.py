@@ -110,9 +110,11 @@ NAMED_SHAPES: dict[str, ModelConfig] = {
                                 rms_norm_eps=1e-5, rope_theta=100000.0,
                                 max_position_embeddings=8192, tie_word_embeddings=True,
                                 bos_token_id=1, eos_token_ids=(2,)),
-    # A tiny shape for fast tests.
+    # Tiny shapes for fast tests; tiny-kv8 has 8 KV heads, so it shards 2, 4 and 8 ways.
     "tiny": ModelConfig("tiny", 512, 64, 128, 2, 4, 2, 16, max_position_embeddings=1024,
                         bos_token_id=1, eos_token_ids=(2,)),
+    "tiny-kv8": ModelConfig("tiny-kv8", 512, 64, 128, 2, 8, 8, 8, max_position_embeddings=1024,
+                            bos_token_id=1, eos_token_ids=(2,)),
 }
 
 # Admission policies of engine/policies.py.
