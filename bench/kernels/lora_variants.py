@@ -9,7 +9,10 @@ checked against the torch twins first. Prints the best configurations with the s
 bandwidth they reach for the bytes the step must move (A and B of the batch's adapters, x, y
 read and written) and writes JSON with every timing.
 
-Run from the repository root: `python3 bench/kernels/lora_variants.py [--ranks 16 64]`.
+Run from the repository root: `python3 bench/kernels/lora_variants.py [--ranks 16 64]`
+(`--ranks 0`: S2's rank mix; `--static`: metadata as a decode graph holds it). Check the
+script itself on the CPU before spending device time on it: `TRITON_INTERPRET=1 python3
+bench/kernels/lora_variants.py --shape tiny --device cpu --check-only --batch 8 --ranks 0`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,11 @@ from loraplane.engine.adapter_cache import AdapterCache  # noqa: E402
 from loraplane.engine.adapters import random_lora_weights  # noqa: E402
 from loraplane.engine.config import NAMED_SHAPES  # noqa: E402
 from loraplane.engine.kernels.lora_expand import lora_expand, lora_expand_ref  # noqa: E402
-from loraplane.engine.kernels.lora_meta import build_meta  # noqa: E402
+from loraplane.engine.kernels.lora_meta import (  # noqa: E402
+    StaticMeta,
+    StaticShape,
+    build_meta,
+)
 from loraplane.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref  # noqa: E402
 from loraplane.engine.lora.ops import LoraSegment  # noqa: E402
 from loraplane.engine.memory_pool import DevicePool, PoolLayout  # noqa: E402
@@ -58,23 +65,34 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--adapters", type=int, nargs="+", default=[0],
                     help="distinct adapters among the rows (0: one per row)")
-    ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64],
+                    help="adapter rank; 0: S2's mix, adapter i of rank (8, 16, 32, 64)[i %% 4]")
+    ap.add_argument("--static", action="store_true",
+                    help="metadata as a decode graph holds it: one tile per row (padding tiles "
+                         "on a rank-0 segment) and the rank cap as max rank")
+    ap.add_argument("--shape", default="llama-2-7b", choices=sorted(NAMED_SHAPES))
+    ap.add_argument("--device", default="cuda",
+                    help="cuda; cpu with TRITON_INTERPRET=1 and --check-only checks this script "
+                         "and the kernels (float32) before device time is spent on it")
+    ap.add_argument("--check-only", action="store_true", help="check every variant, time none")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    cfg = NAMED_SHAPES["llama-2-7b"].with_updates(num_layers=1)
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cfg = NAMED_SHAPES[args.shape].with_updates(num_layers=1)
     lay = PoolLayout.for_model(cfg, 16)
     results = []
-    for rank, n_adapters in itertools.product(args.ranks, args.adapters):
+    for rank_arg, n_adapters in itertools.product(args.ranks, args.adapters):
         n = n_adapters or args.batch
-        per = lay.pages_for_chunks(rank * sum(sum(cfg.module_shape(m)) for m in MODULES)
+        ranks = [rank_arg or (8, 16, 32, 64)[i % 4] for i in range(n)]
+        per = lay.pages_for_chunks(max(ranks) * sum(sum(cfg.module_shape(m)) for m in MODULES)
                                    // lay.chunk)
-        pool = DevicePool(lay, per * n * 2 + 8, torch.bfloat16, dev)
+        pool = DevicePool(lay, per * n * 2 + 8, dtype, dev)
         cache = AdapterCache(pool, cfg)
-        gen = torch.Generator().manual_seed(rank)
+        gen = torch.Generator().manual_seed(rank_arg)
         adapters = []
         for i in range(n):
-            a = cache.add(f"a{i}", "", random_lora_weights(cfg, rank, MODULES, seed=gen,
+            a = cache.add(f"a{i}", "", random_lora_weights(cfg, ranks[i], MODULES, seed=gen,
                                                            std=0.02, layers=1))
             while not cache.acquire(a):
                 cache.wait()
@@ -88,13 +106,19 @@ def main() -> None:
                 segs[-1] = LoraSegment(segs[-1].start, i + 1, adapters[o])
             else:
                 segs.append(LoraSegment(i, i + 1, adapters[o]))
-        meta = build_meta(segs, 16, dev)
+        if args.static:
+            shape = StaticShape(tiles=args.batch, segs=args.batch + 1,
+                                pages=sum(len(a.pages or []) for a in adapters),
+                                max_rank=max(ranks))
+            meta = StaticMeta(shape, 16, dev).fill(segs)
+        else:
+            meta = build_meta(segs, 16, dev)
         pl = pool.data[0]
         h = cfg.hidden_size
         for group in (QKV, ("o_proj",)):
             widths = [cfg.module_shape(m)[1] for m in group]
-            x = torch.randn(args.batch, h, device=dev, dtype=torch.bfloat16)
-            y0 = torch.randn(args.batch, sum(widths), device=dev, dtype=torch.bfloat16)
+            x = torch.randn(args.batch, h, device=dev, dtype=dtype)
+            y0 = torch.randn(args.batch, sum(widths), device=dev, dtype=dtype)
             y = y0.clone()  # the timed runs accumulate into y; checks start from y0
             ys = list(torch.split(y, widths, dim=1))
             ref_s = lora_shrink_ref(x, pl, meta, group, lay.chunk, lay.chunks_per_page)
@@ -104,19 +128,20 @@ def main() -> None:
                                             strict=True)):
                 lora_expand_ref(ref_s[:, j * w:(j + 1) * w], yj, pl, meta, m, lay.chunk,
                                 lay.chunks_per_page)
-            bytes_moved = (sum(n * rank * (h + wd) * 2 for wd in widths)
-                           + args.batch * (h + 2 * sum(widths)) * 2)
+            size = dtype.itemsize
+            bytes_moved = (sum(r * (h + wd) * size for r in ranks for wd in widths)
+                           + args.batch * (h + 2 * sum(widths)) * size)
             timed: dict[str, list[tuple[float, dict]]] = {"shrink": [], "expand": []}
             # Configurations whose results differ from the torch twins: recorded, never timed.
             wrong: list[dict] = []
-            for c in shrink_grid(rank):
+            for c in shrink_grid(max(ranks)):
                 fn = functools.partial(lora_shrink, x, pl, meta, group, lay.chunk,
                                        lay.chunks_per_page, 16, **c)
                 if not torch.allclose(fn(), ref_s, atol=0.05, rtol=0.02):
                     wrong.append(dict(c, kernel="shrink"))
                     continue
-                timed["shrink"].append((time_graph(fn, 50), c))
-            for c in expand_grid(rank):
+                timed["shrink"].append((0.0 if args.check_only else time_graph(fn, 50), c))
+            for c in expand_grid(max(ranks)):
                 got_y = y0.clone()
                 lora_expand(ref_s, list(torch.split(got_y, widths, dim=1)), pl, meta,
                             list(group), lay.chunk, lay.chunks_per_page, 16, **c)
@@ -126,12 +151,19 @@ def main() -> None:
                     continue
                 fn = functools.partial(lora_expand, ref_s, ys, pl, meta, list(group),
                                        lay.chunk, lay.chunks_per_page, 16, **c)
-                timed["expand"].append((time_graph(fn, 50), c))
-            default_us = time_graph(functools.partial(
-                _engine_default, x, ys, pl, meta, group, lay.chunk, lay.chunks_per_page))
+                timed["expand"].append((0.0 if args.check_only else time_graph(fn, 50), c))
+            default = functools.partial(_engine_default, x, ys, pl, meta, group, lay.chunk,
+                                        lay.chunks_per_page)
+            if args.check_only:
+                default()
+                print(f"rank {rank_arg or 'mix'}, {n} adapters, {group}: "
+                      f"{sum(map(len, timed.values()))} variants match, wrong: {wrong}")
+                continue
+            default_us = time_graph(default)
             best = {k: min(v, key=lambda t: t[0]) for k, v in timed.items()}
             best_sum = best["shrink"][0] + best["expand"][0]
-            row = {"rank": rank, "batch": args.batch, "adapters": n, "group": list(group),
+            row = {"rank": rank_arg or "mix 8/16/32/64", "batch": args.batch, "adapters": n,
+                   "static_meta": args.static, "group": list(group),
                    "bytes": bytes_moved, "default_us": round(default_us, 2),
                    "default_hbm_share": round(bytes_moved / default_us / 1e6 / HBM_TBS, 3),
                    "best_sum_us": round(best_sum, 2),
@@ -142,6 +174,8 @@ def main() -> None:
                    "wrong_results": wrong}
             results.append(row)
             print({k: v for k, v in row.items() if k != "all"}, flush=True)
+    if args.check_only:
+        return
     name = torch.cuda.get_device_name()
     stamp = datetime.datetime.now(datetime.UTC)
     out = {"benchmark": "lora_kernel_variants", "date": stamp.isoformat(timespec="seconds"),
