@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from loraplane.engine.adapters import LoraWeights, random_lora_weights, write_random_adapter
-from loraplane.engine.config import LORA_MODULES, NAMED_SHAPES, EngineConfig
+from loraplane.engine.config import LORA_MODULES, NAMED_SHAPES
 from loraplane.engine.distributed.engine import TensorParallelEngine, build_engine
 from loraplane.engine.distributed.sharding import (
     ROW_PARALLEL,
@@ -32,14 +32,9 @@ from loraplane.engine.engine import LLMEngine
 from loraplane.engine.errors import InvalidAdapterError
 from loraplane.engine.sampling_params import SamplingParams
 from tests.gateway_procs import Proc, free_port
+from tests.tp_support import ADAPTERS, CFG, drive
 
 TINY = NAMED_SHAPES["tiny"]
-CFG = EngineConfig(pool_bytes=4 << 20, max_num_batched_tokens=48, max_num_seqs=16)
-# (name, rank, modules): odd ranks, ranks below the TP size, every module, subsets.
-ADAPTERS = [("r2", 2, ("q_proj", "v_proj")),
-            ("r5", 5, LORA_MODULES),
-            ("r8", 8, ("o_proj", "down_proj", "gate_proj")),
-            ("r16", 16, ("k_proj", "up_proj", "down_proj", "q_proj"))]
 
 
 # ---- the sharding math (no processes) -----------------------------------------------------
@@ -150,55 +145,12 @@ def tp_engine(adapter_dir: Path) -> Iterator[TensorParallelEngine]:
         engine.close()
 
 
-def _drive(engine: LLMEngine, adapter_dir: Path) -> list[list[int]]:
-    """A fixed schedule: a first wave, then a second one joining while the first decodes,
-    with prompts longer than the token budget (chunked prefill beside decode rows)."""
-    for name, _, _ in ADAPTERS:
-        if name not in engine.adapters:
-            engine.load_adapter(name, str(adapter_dir / name))
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    names: list[str | None] = ["r2", None, "r5", "r8", "r16", None, "r5", "r16", "r2"]
-    seqs = []
-    for i, name in enumerate(names):
-        prompt = [(7 * i + 3 * j) % 500 + 3 for j in range(6 + 9 * (i % 4))]
-        seqs.append(engine.add_request(f"req-{i}", prompt, params, name))
-        if i == 3:
-            for _ in range(3):
-                engine.step()
-    while engine.has_work():
-        engine.step()
-    return [s.output_ids for s in seqs]
-
-
 def test_tp2_greedy_tokens_equal_tp1(tp_engine: TensorParallelEngine, adapter_dir: Path) -> None:
     single = LLMEngine.from_spec("random:tiny", device="cpu", dtype="float32", engine_config=CFG)
-    want = _drive(single, adapter_dir)
-    got = _drive(tp_engine, adapter_dir)
+    want = drive(single, adapter_dir)
+    got = drive(tp_engine, adapter_dir)
     assert got == want
     assert len({tuple(t) for t in want}) > 3  # the adapters make a difference
-
-
-@pytest.mark.parametrize("world", [
-    4, pytest.param(8, marks=pytest.mark.skipif(
-        not os.environ.get("LORAPLANE_SLOW_TESTS"),
-        reason="8 worker processes on CI's 2 cores; LORAPLANE_SLOW_TESTS=1 runs it"))])
-def test_tp4_and_tp8_greedy_tokens_equal_tp1(world: int, tmp_path: Path) -> None:
-    """Four or eight ranks of tiny-kv8 against one, adapter ranks below and above the TP size:
-    the partition the 4- and 8-GPU runs of the 70B shape use, here on the CPU (gloo)."""
-    shape = NAMED_SHAPES["tiny-kv8"]
-    for i, (name, rank, modules) in enumerate(ADAPTERS):
-        write_random_adapter(tmp_path / name, shape, rank, modules, seed=20 + i)
-    single = LLMEngine.from_spec("random:tiny-kv8", device="cpu", dtype="float32",
-                                 engine_config=CFG)
-    want = _drive(single, tmp_path)
-    engine = build_engine("random:tiny-kv8", tensor_parallel_size=world, device="cpu",
-                          dtype="float32", engine_config=CFG, exit_on_failure=False)
-    try:
-        got = _drive(engine, tmp_path)
-    finally:
-        engine.close()
-    assert got == want
-    assert len({tuple(t) for t in want}) > 3
 
 
 def test_adapters_load_and_unload_on_every_rank(tp_engine: TensorParallelEngine,
