@@ -292,3 +292,37 @@ def test_split_k_rule() -> None:
     assert shrink_split(5, 32) == MAX_SPLIT  # few tiles: capped, not 64
     assert shrink_split(5, 4) == 4  # no more splits than K blocks
     assert shrink_split(TARGET_PROGRAMS, 32) == 1
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_expand_blocks_wider_than_a_chunk(case: int) -> None:
+    """An expand block of two chunks (a page lookup per chunk; the chunks may lie on two pages)
+    gives the torch twin's result, alone and for a fused group."""
+    cfg = NAMED_SHAPES["tiny"]
+    ranks, lengths, skip = CASES[case]
+    pool, adapters, gen = setup(cfg, torch.float16, ranks, seed=30 + case)
+    segs, rows = segments_for(adapters, lengths, skip)
+    lay = pool.layout
+    meta = build_meta(segs, 16, torch.device("cpu"))
+    layer = case % cfg.num_layers
+    group = ("q_proj", "k_proj", "v_proj")
+    widths = [cfg.module_shape(m)[1] for m in group]
+    x = torch.randn(rows, cfg.hidden_size, generator=gen).to(torch.float16)
+    s = lora_shrink_ref(x, pool.data[layer], meta, group, lay.chunk, lay.chunks_per_page)
+    w = s.shape[1] // len(group)
+    y0 = torch.randn(rows, sum(widths), generator=gen).to(torch.float16)
+    want = y0.clone()
+    for j, (m, yj) in enumerate(zip(group, torch.split(want, widths, dim=1), strict=True)):
+        lora_expand_ref(s[:, j * w:(j + 1) * w], yj, pool.data[layer], meta, m, lay.chunk,
+                        lay.chunks_per_page)
+    got = y0.clone()
+    lora_expand(s, list(torch.split(got, widths, dim=1)), pool.data[layer], meta, list(group),
+                lay.chunk, lay.chunks_per_page, 16, block_n=2 * lay.chunk)
+    torch.testing.assert_close(got.float(), want.float(), atol=0.4, rtol=2e-2)
+    one = y0[:, :widths[0]].clone()
+    ref = one.clone()
+    lora_expand_ref(s[:, :w], ref, pool.data[layer], meta, "q_proj", lay.chunk,
+                    lay.chunks_per_page)
+    lora_expand(s[:, :w], one, pool.data[layer], meta, "q_proj", lay.chunk,
+                lay.chunks_per_page, 16, block_n=4 * lay.chunk)
+    torch.testing.assert_close(one.float(), ref.float(), atol=0.4, rtol=2e-2)

@@ -3,8 +3,8 @@
 For llama-2-7b widths in bf16, `--batch` rows on `--adapters` adapters (default: one adapter
 per row, the worst case), it times the q,k,v group as the engine runs it (one fused shrink, one
 expand into the three column blocks of a fused output) and o_proj alone, each over a grid of
-launch parameters: split-K, warps and stages for the shrink; rank tile, N tile and warps for
-the expand. Every variant is
+launch parameters: split-K, warps and stages for the shrink; rank tile, N tile (up to two
+chunks) and warps for the expand. Every variant is
 checked against the torch twins first. Prints the best configurations with the share of HBM
 bandwidth they reach for the bytes the step must move (A and B of the batch's adapters, x, y
 read and written) and writes JSON with every timing.
@@ -57,7 +57,7 @@ def shrink_grid(rank: int) -> list[dict]:
 def expand_grid(rank: int) -> list[dict]:
     rs = [16] if rank <= 16 else [32, 64]
     return [dict(block_r=br, block_n=bn, num_warps=w, num_stages=1)
-            for br, bn, w in itertools.product(rs, (64, 128), (1, 2, 4))]
+            for br, bn, w in itertools.product(rs, (64, 128, 256), (1, 2, 4))]
 
 
 def main() -> None:

@@ -84,11 +84,19 @@ def _expand_tile(s_ptr, y_ptr, pool_ptr, pages_ptr, row0, row_end, rank, first, 
         ranks = r0 + rr
         rank_mask = ranks < rank
         # Chunk of B^T's row r that holds column n: first + r * (N / CHUNK) + n / CHUNK.
-        c = first + ranks * (N // CHUNK) + n0 // CHUNK
-        page = tl.load(pages_ptr + page_off + c // CPP, mask=rank_mask, other=0).to(tl.int64)
-        base = (page * CPP + c % CPP) * CHUNK + n0 % CHUNK  # [BLOCK_R]
-        b = tl.load(pool_ptr + base[:, None] + (cols - n0)[None, :],
-                    mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+        if BLOCK_N <= CHUNK:  # the block lies in one chunk: one page lookup per rank row
+            c = first + ranks * (N // CHUNK) + n0 // CHUNK
+            page = tl.load(pages_ptr + page_off + c // CPP, mask=rank_mask,
+                           other=0).to(tl.int64)
+            base = (page * CPP + c % CPP) * CHUNK + n0 % CHUNK  # [BLOCK_R]
+            b = tl.load(pool_ptr + base[:, None] + (cols - n0)[None, :],
+                        mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+        else:  # BLOCK_N / CHUNK chunks a row, each looked up (they may lie on two pages)
+            c2 = first + ranks[:, None] * (N // CHUNK) + cols[None, :] // CHUNK
+            m2 = rank_mask[:, None] & col_mask[None, :]
+            page2 = tl.load(pages_ptr + page_off + c2 // CPP, mask=m2, other=0).to(tl.int64)
+            b = tl.load(pool_ptr + (page2 * CPP + c2 % CPP) * CHUNK + cols[None, :] % CHUNK,
+                        mask=m2, other=0.0)
         if ROWS1:
             s = tl.load(s_ptr + rows * stride_sm + s_col + ranks, mask=rank_mask, other=0.0)
             acc += tl.sum(s[:, None] * b.to(tl.float32), axis=0)
@@ -126,7 +134,7 @@ def column_offsets(ys: Sequence[torch.Tensor]) -> list[int] | None:
 
 def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
                 pool_layer: torch.Tensor, meta: LoraKernelMeta, module: str | Sequence[str],
-                chunk: int, chunks_per_page: int, block_m: int, block_n: int = 128,
+                chunk: int, chunks_per_page: int, block_m: int, block_n: int | None = None,
                 num_warps: int | None = None, num_stages: int = 1,
                 offsets: list[int] | None = None, block_r: int | None = None) -> None:
     """y [T, N] += s [T, >= max_rank] · B^T for each segment's adapter, in place.
@@ -155,7 +163,13 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
         raise ValueError(f"output widths {widths} are not multiples of the chunk {chunk}")
     if meta.num_tiles == 0:
         return
-    block_n = min(chunk, block_n)
+    # Default: 128 columns, at most a chunk. Blocks wider than a chunk (asked for: a page lookup
+    # per chunk instead of per rank row) must tile every width exactly (the kernel counts a
+    # member's blocks as width // BLOCK_N); else a chunk.
+    if block_n is None:
+        block_n = min(chunk, 128)
+    elif block_n > chunk and any(n % block_n for n in widths):
+        block_n = chunk
     if num_warps is None:
         num_warps = 4 if meta.num_tiles < 16 and meta.max_rank > 32 else 1
     if block_r is None:
