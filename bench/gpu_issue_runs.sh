@@ -60,6 +60,11 @@ tiers_sat() {  # time limit per run, then extra bench arguments
     done
   done
 }
+# The two GPUs' logs without their headers: the last lines of each run.
+summary() {
+  grep -h -v -e '^ *$' /tmp/gpu0.log /tmp/gpu1.log | grep -v -e "^date" -e "^engine:" \
+    -e "^versions" -e "^machine" | tail -40
+}
 case $part in
 tiers)
   for alpha in 1 0.3; do
@@ -130,25 +135,10 @@ s2prof)  # two H200, ~6 min: S2 ratios with loads off the engine thread (GPU 0);
   ) &
   wait ;;
 c3)  # two H200, ~7 min: after the LoRA launch cuts (module masks, group expand, page lookups
-    # hoisted, no per-step specializations): TP graphs check, then the #3 targets side by side
+    # hoisted, no per-step specializations): TP graphs check, then c6's runs
   timeout 150 python3 bench/tp_graph_check.py --tp 2 --out "$out" 2>&1 \
     | tee "$out/tp-graph-check.log" | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
-  (export CUDA_VISIBLE_DEVICES=0
-   timeout 90 python3 bench/kernels/lora_bench.py --batch 16 64 --ranks 16 64 --out "$out" 2>&1 \
-     | grep -v -i warn | tail -12
-   for n in 0 1000 5 2000; do
-     bench 95 --setting S2 --num-adapters $n --num-requests 200 --saturate
-   done) &
-  (export CUDA_VISIBLE_DEVICES=1
-   bench 200 --setting S2 --ranks 16 --num-adapters 32 --num-requests 32 --round-robin-adapters \
-     --input-range 256 256 --output-range 64 64 --max-num-seqs 32 --saturate --baseline peft
-   for pf in "" --no-prefetch; do
-     bench 95 --setting S2 --num-adapters 2000 --alpha 1 --adapter-source disk \
-       --host-cache-memory 16 --pool-memory 40 --saturate --num-requests 120 $pf
-   done
-   timeout 150 python3 bench/fused_check.py --out "$out" 2>&1 | grep -v -i warn | tail -12
-  ) &
-  wait ;;
+  bash "$0" c6 "$out" ;;
 c8)  # two H200, ~6 min, the next session's first call: the rotary launch that stores k and v
     # (6056f06, CPU-tested only) checked on the GPU (TP graphs check; fused vs unfused logits
     # and the batch-1 step), then the 32-row PEFT ratio and S2 0 / 1,000 with a profile of the
@@ -166,8 +156,7 @@ c8)  # two H200, ~6 min, the next session's first call: the rotary launch that s
    bench 95 --setting S2 --num-adapters 1000 --num-requests 200 --saturate --profile-steps 5 60
   ) > /tmp/gpu1.log 2>&1 &
   wait
-  grep -h -v -e '^ *$' /tmp/gpu0.log /tmp/gpu1.log | grep -v -e "^date" -e "^engine:" \
-    -e "^versions" -e "^machine" | tail -40
+  summary
   mkdir -p /tmp/logs && mv "$out"/*.log "$out"/profiled/*.log /tmp/logs/ 2>/dev/null
   ls -R "$out" ;;
 p8)  # two H200, ~2 min: where S2's prefill and mixed steps go with 1,000 adapters (GPU 0)
@@ -196,8 +185,7 @@ c7)  # two H200, ~6.5 min: after the meta alignment and the start-up kernel comp
    for n in 5 2000; do bench 95 --setting S2 --num-adapters $n --num-requests 200 --saturate; done
   ) > /tmp/gpu1.log 2>&1 &
   wait
-  grep -h -v -e '^ *$' /tmp/gpu0.log /tmp/gpu1.log | grep -v -e "^date" -e "^engine:" \
-    -e "^versions" -e "^machine" | tail -40
+  summary
   mkdir -p /tmp/logs && mv "$out"/*.log /tmp/logs/ 2>/dev/null; ls "$out" ;;
 c6)  # two H200, ~5.5 min: c3 without the TP check (after the one-row tile path in the LoRA
     # kernels): the #3 targets side by side, tier runs at alpha 1

@@ -38,7 +38,7 @@ from loraplane.engine.models.llama import (  # noqa: E402
     LlamaModel,
     build_model,
     rms_norm,
-    rope_inv_freq,
+    rope_tables,
     rotate,
 )
 from loraplane.engine.models.triton_layers import use_triton_layers  # noqa: E402
@@ -102,10 +102,7 @@ def test_silu_mul_refuses_mismatched_inputs() -> None:
 def test_rotary_qk_matches_two_rotations(dtype: torch.dtype, q_heads: int, kv_heads: int,
                                          head_dim: int) -> None:
     gen = torch.Generator().manual_seed(q_heads * head_dim)
-    inv = rope_inv_freq(head_dim, 10000.0, None)
-    freqs = torch.arange(300, dtype=torch.float32)[:, None] * inv[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos(), emb.sin()
+    cos, sin = rope_tables(head_dim, 10000.0, None, 300)
     # q, k as head views of one fused q,k,v product: row stride (nh + 2 kvh) * hd.
     t = 5
     qkv = torch.randn(t, (q_heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
@@ -128,10 +125,7 @@ def test_rotary_qk_store_matches_rotation_then_store(dtype: torch.dtype, q_heads
     """One launch rotates q, k and writes the rotated k and v into their cache slots; the
     same as two rotations and store_kv, and no other slot changes."""
     gen = torch.Generator().manual_seed(q_heads + head_dim)
-    inv = rope_inv_freq(head_dim, 10000.0, None)
-    freqs = torch.arange(300, dtype=torch.float32)[:, None] * inv[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos(), emb.sin()
+    cos, sin = rope_tables(head_dim, 10000.0, None, 300)
     t = 6
     qkv = torch.randn(t, (q_heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
     q = qkv[:, :q_heads * head_dim].view(t, q_heads, head_dim)

@@ -19,7 +19,7 @@ from loraplane.engine.config import NAMED_SHAPES  # noqa: E402
 from loraplane.engine.kernels.rms_norm import rms_norm as rms_norm_kernel  # noqa: E402
 from loraplane.engine.kernels.rotary import rotary  # noqa: E402
 from loraplane.engine.memory_pool import DevicePool, PoolLayout  # noqa: E402
-from loraplane.engine.models.llama import build_model, rms_norm, rope_inv_freq, rotate  # noqa: E402
+from loraplane.engine.models.llama import build_model, rms_norm, rope_tables, rotate  # noqa: E402
 from loraplane.engine.models.triton_layers import (  # noqa: E402
     TritonRMSNorm,
     TritonRotary,
@@ -47,10 +47,7 @@ def test_rms_norm_matches_the_model(dtype: torch.dtype, shape: tuple[int, int]) 
 def test_rotary_matches_the_model(dtype: torch.dtype, heads: int, head_dim: int,
                                   pos_dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(heads * head_dim)
-    inv = rope_inv_freq(head_dim, 10000.0, None)
-    freqs = torch.arange(300, dtype=torch.float32)[:, None] * inv[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos(), emb.sin()
+    cos, sin = rope_tables(head_dim, 10000.0, None, 300)
     x = torch.randn(7, heads, head_dim, generator=gen).to(dtype)
     positions = torch.tensor([0, 1, 5, 299, 42, 42, 100], dtype=pos_dtype)
     got = rotary(x, positions, cos, sin)

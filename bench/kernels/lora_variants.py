@@ -39,6 +39,7 @@ from loraplane.engine.kernels.lora_meta import (  # noqa: E402
     StaticMeta,
     StaticShape,
     build_meta,
+    rank_tile,
 )
 from loraplane.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref  # noqa: E402
 from loraplane.engine.lora.ops import LoraSegment  # noqa: E402
@@ -49,9 +50,8 @@ MODULES = QKV + ("o_proj",)
 
 
 def shrink_grid(rank: int) -> list[dict]:
-    rs = [16] if rank <= 16 else [32, 64]
-    return [dict(block_r=br, block_k=128, split_k=sk, num_warps=w, num_stages=st)
-            for br, sk, w, st in itertools.product(rs[:1], (1, 2, 4, 8, 16), (2, 4, 8), (2, 4))]
+    return [dict(block_r=rank_tile(rank), block_k=128, split_k=sk, num_warps=w, num_stages=st)
+            for sk, w, st in itertools.product((1, 2, 4, 8, 16), (2, 4, 8), (2, 4))]
 
 
 def expand_grid(rank: int) -> list[dict]:

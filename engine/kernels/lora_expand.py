@@ -10,9 +10,12 @@ import triton.language as tl
 
 from loraplane.engine.kernels.common import dot_precision
 from loraplane.engine.kernels.lora_meta import (
-    MODULE_INDEX,
     LoraKernelMeta,
+    pack_modules,
+    rank_tile,
     segment_weights,
+    tile_out,
+    tile_rows,
 )
 
 
@@ -48,8 +51,8 @@ def _expand_kernel(s_ptr, y_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pag
     if first < 0:
         return
     # A tile of one row (a decode row whose adapter no other row of the step uses) takes the
-    # multiply-and-sum path (see the shrink: 27-31% faster there); wider tiles keep the matrix
-    # product.
+    # multiply-and-sum path (27-31% faster for the expand at batch 64, one adapter a row: see
+    # the shrink's note); wider tiles keep the matrix product.
     if row_end - row0 == 1:
         _expand_tile(s_ptr, y_ptr, pool_ptr, pages_ptr, row0, row_end, rank, first, page_off,
                      stride_sm, stride_ym, j * s_width, y_col, col_block * BLOCK_N, N, CHUNK,
@@ -72,14 +75,7 @@ def _expand_tile(s_ptr, y_ptr, pool_ptr, pages_ptr, row0, row_end, rank, first, 
     cols = n0 + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     rr = tl.arange(0, BLOCK_R)
-    if ROWS1:
-        rows = row0
-        row_mask = row0 < row_end
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    else:
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rows, row_mask, acc = tile_rows(row0, row_end, BLOCK_M, BLOCK_N, ROWS1)
     for r0 in range(0, rank, BLOCK_R):
         ranks = r0 + rr
         rank_mask = ranks < rank
@@ -104,14 +100,13 @@ def _expand_tile(s_ptr, y_ptr, pool_ptr, pages_ptr, row0, row_end, rank, first, 
             s = tl.load(s_ptr + rows[:, None] * stride_sm + s_col + ranks[None, :],
                         mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
             acc += tl.dot(s.to(b.dtype), b, input_precision=PRECISION)
-    if ROWS1:
-        y = y_ptr + rows * stride_ym + y_col + cols
-        mask = col_mask & row_mask
-    else:
-        y = y_ptr + rows[:, None] * stride_ym + y_col + cols[None, :]
-        mask = row_mask[:, None] & col_mask[None, :]
+    y, mask = tile_out(y_ptr + y_col, rows, row_mask, stride_ym, cols, col_mask, ROWS1)
     prev = tl.load(y, mask=mask, other=0.0)
     tl.store(y, (prev.to(tl.float32) + acc).to(prev.dtype), mask=mask)
+
+
+# One warp per [16 x 128] output tile; more when few tiles hold wide ranks (the H200 sweep).
+EXPAND_WARPS, EXPAND_WARPS_FEW_WIDE = 1, 4
 
 
 def column_offsets(ys: Sequence[torch.Tensor]) -> list[int] | None:
@@ -171,13 +166,14 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
     elif block_n > chunk and any(n % block_n for n in widths):
         block_n = chunk
     if num_warps is None:
-        num_warps = 4 if meta.num_tiles < 16 and meta.max_rank > 32 else 1
+        wide_few = meta.num_tiles < 16 and meta.max_rank > 32
+        num_warps = EXPAND_WARPS_FEW_WIDE if wide_few else EXPAND_WARPS
     if block_r is None:
-        block_r = 16 if meta.max_rank <= 16 else 32
+        block_r = rank_tile(meta.max_rank)
     s_width = s.shape[1] // len(modules)
     ns = widths + [0] * (3 - len(widths))
     offs += [0] * (3 - len(offs))
-    packed = sum(MODULE_INDEX[m] << (4 * j) for j, m in enumerate(modules))
+    packed = pack_modules(modules)
     grid = (meta.num_tiles, sum(triton.cdiv(n, block_n) for n in widths))
     _expand_kernel[grid](s, y0, pool_layer, meta.tiles, meta.segs, meta.offsets, meta.pages,
                          s.stride(0), y0.stride(0), s_width, packed, ns[0], ns[1], ns[2],

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import triton
+import triton.language as tl
 
 from loraplane.engine.config import LORA_MODULES
 
@@ -13,12 +15,54 @@ if TYPE_CHECKING:
     from loraplane.engine.lora.ops import LoraSegment
 
 MODULE_INDEX = {m: i for i, m in enumerate(LORA_MODULES)}
+# The rank tiles the shrink and expand choose from (rank_tile); the engine compiles both.
+RANK_TILES = (16, 32)
 SEG_FIELDS = 4  # row_start, row_end, rank, page table offset
 TILE_FIELDS = 2  # segment index, first row
 # Each section of the packed buffer starts 16 bytes aligned: Triton specializes a kernel on its
 # pointer arguments' 16-byte alignment, and sections that start wherever the previous one ends
 # made the alignment (so the compiled variant) change from step to step.
 ALIGN = 4  # int32 elements
+
+
+def rank_tile(max_rank: int) -> int:
+    """Rank rows per program tile of the shrink and expand for a step's top rank."""
+    return RANK_TILES[0] if max_rank <= RANK_TILES[0] else RANK_TILES[1]
+
+
+def pack_modules(modules: list[str] | tuple[str, ...]) -> int:
+    """The module indices of a fused group, 4 bits each (member j at bits 4j..), as the kernels
+    unpack them."""
+    return sum(MODULE_INDEX[m] << (4 * j) for j, m in enumerate(modules))
+
+
+@triton.jit
+def tile_rows(row0, row_end, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
+              ROWS1: tl.constexpr):
+    """A tile's rows, their mask and a zero float32 accumulator: ROWS1 (a tile of one row) a
+    scalar row and acc [WIDTH]; else rows [BLOCK_M] and acc [BLOCK_M, WIDTH]."""
+    if ROWS1:
+        rows = row0
+        row_mask = row0 < row_end
+        acc = tl.zeros((WIDTH,), dtype=tl.float32)
+    else:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        acc = tl.zeros((BLOCK_M, WIDTH), dtype=tl.float32)
+    return rows, row_mask, acc
+
+
+@triton.jit
+def tile_out(base, rows, row_mask, stride, cols, col_mask, ROWS1: tl.constexpr):
+    """Pointers and mask of a tile's output block: base + row * stride + col, shaped as
+    tile_rows' accumulator."""
+    if ROWS1:
+        ptrs = base + rows * stride + cols
+        mask = row_mask & col_mask
+    else:
+        ptrs = base + rows[:, None] * stride + cols[None, :]
+        mask = row_mask[:, None] & col_mask[None, :]
+    return ptrs, mask
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,12 @@ import triton.language as tl
 
 from loraplane.engine.kernels.common import dot_precision
 from loraplane.engine.kernels.lora_meta import (
-    MODULE_INDEX,
     LoraKernelMeta,
+    pack_modules,
+    rank_tile,
     segment_weights,
+    tile_out,
+    tile_rows,
 )
 
 
@@ -29,14 +32,7 @@ def _shrink_tile(x_ptr, out_ptr, pool_ptr, pages_ptr, row0, row_end, rank, ranks
     ROWS1: the tile holds one row (decode rows of distinct adapters): acc [BLOCK_R] from a
     broadcast multiply and sum, no 16-row matrix product of which 15 rows would be padding;
     else acc [BLOCK_M, BLOCK_R] from tl.dot."""
-    if ROWS1:
-        rows = row0
-        row_mask = row0 < row_end
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    else:
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    rows, row_mask, acc = tile_rows(row0, row_end, BLOCK_M, BLOCK_R, ROWS1)
     rank_mask = ranks < rank
     # Chunk of A's row r that holds column k: first + r * (K / CHUNK) + k / CHUNK.
     row_chunk = first + ranks * (K // CHUNK)  # [BLOCK_R]
@@ -65,12 +61,8 @@ def _shrink_tile(x_ptr, out_ptr, pool_ptr, pages_ptr, row0, row_end, rank, ranks
                         other=0.0)
             acc = _shrink_acc(acc, a, x_ptr, rows, row_mask, stride_xm, k0 + kk, ROWS1,
                               PRECISION)
-    if ROWS1:
-        out = out_ptr + rows * stride_om + j * out_width + ranks
-        mask = rank_mask & row_mask
-    else:
-        out = out_ptr + rows[:, None] * stride_om + j * out_width + ranks[None, :]
-        mask = row_mask[:, None] & rank_mask[None, :]
+    out, mask = tile_out(out_ptr + j * out_width, rows, row_mask, stride_om, ranks, rank_mask,
+                         ROWS1)
     if ATOMIC:
         tl.atomic_add(out, acc, mask=mask)
     else:
@@ -147,6 +139,7 @@ MAX_SPLIT = 16
 # at rank 16 (9.0 against 11.5 us for q,k,v at batch 64) and equal them at rank 64; with fewer
 # tiles 4 and 4 win (lora-variants-2026-11-30T2037.json).
 MANY_TILES = 32
+SHRINK_WARPS_MANY, SHRINK_WARPS_FEW = 2, 4  # warps, and pipeline stages alike
 
 
 def shrink_split(programs: int, k_blocks: int) -> int:
@@ -187,17 +180,17 @@ def lora_shrink(x: torch.Tensor, pool_layer: torch.Tensor, meta: LoraKernelMeta,
         return out
     block_k = min(chunk, block_k)
     if block_r is None:
-        block_r = 16 if meta.max_rank <= 16 else 32
+        block_r = rank_tile(meta.max_rank)
     rank_blocks = triton.cdiv(meta.max_rank, block_r)
     if split_k is None:
         split_k = shrink_split(meta.num_tiles * rank_blocks, k // block_k)
-    many = meta.num_tiles >= MANY_TILES
+    warps_stages = SHRINK_WARPS_MANY if meta.num_tiles >= MANY_TILES else SHRINK_WARPS_FEW
     if num_warps is None:
-        num_warps = 2 if many else 4
+        num_warps = warps_stages
     if num_stages is None:
-        num_stages = 2 if many else 4
+        num_stages = warps_stages
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    packed = sum(MODULE_INDEX[m] << (4 * j) for j, m in enumerate(modules))
+    packed = pack_modules(modules)
     grid = (meta.num_tiles, len(modules) * rank_blocks, triton.cdiv(k, k_per_split))
     _shrink_kernel[grid](x, out, pool_layer, meta.tiles, meta.segs, meta.offsets, meta.pages,
                          k, x.stride(0), out.stride(0), packed, rank_blocks, width, k_per_split,

@@ -8,9 +8,19 @@ from dataclasses import dataclass, field
 import torch
 
 from loraplane.engine.config import FUSED_GROUPS, LORA_MODULES, ModelConfig
-from loraplane.engine.kernels.lora_expand import column_offsets, lora_expand
-from loraplane.engine.kernels.lora_meta import StaticMeta, StaticShape, build_meta
-from loraplane.engine.kernels.lora_shrink import lora_shrink, shrink_width
+from loraplane.engine.kernels.lora_expand import (
+    EXPAND_WARPS,
+    EXPAND_WARPS_FEW_WIDE,
+    column_offsets,
+    lora_expand,
+)
+from loraplane.engine.kernels.lora_meta import RANK_TILES, StaticMeta, StaticShape, build_meta
+from loraplane.engine.kernels.lora_shrink import (
+    SHRINK_WARPS_FEW,
+    SHRINK_WARPS_MANY,
+    lora_shrink,
+    shrink_width,
+)
 from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment, targeted_modules
 from loraplane.engine.memory_pool import DevicePool
 
@@ -29,20 +39,20 @@ def compile_lora_kernels(pool: DevicePool, config: ModelConfig, block_m: int) ->
     """Launch the shrink and expand once in every variant serving can hit, on metadata whose
     tiles all point at a rank-0 segment (every program returns at once), so Triton compiles
     them now and not while a request waits (up to a second each on the H200; its disk cache
-    makes later starts quick). Variants: rank tile 16 or 32, split-K or not, and the two
-    warp/stage settings for the shrink; rank tile 16 or 32 with 1 or 4 warps for the expand;
-    the projections' widths (Triton specializes on their divisibility). Returns the launches."""
+    makes later starts quick). Variants: each rank tile, split-K or not, and the shrink's two
+    warp/stage settings; each rank tile with the expand's two warp settings; the projections'
+    widths (Triton specializes on their divisibility). Returns the launches."""
     dev, dtype = pool.data.device, pool.data.dtype
     lay = pool.layout
     launches = 0
     shapes = {m: config.module_shape(m) for m in LORA_MODULES}
-    for block_r in (16, 32):
+    for block_r in RANK_TILES:
         meta = StaticMeta(StaticShape(tiles=1, segs=1, pages=1, max_rank=block_r), block_m,
                           dev).meta
         for k in sorted({i for i, _ in shapes.values()}):
             x = torch.zeros(1, k, dtype=dtype, device=dev)
             for split in (1, 2):
-                for warps_stages in (2, 4):
+                for warps_stages in (SHRINK_WARPS_MANY, SHRINK_WARPS_FEW):
                     lora_shrink(x, pool.data[0], meta, "q_proj", lay.chunk, lay.chunks_per_page,
                                 block_m, split_k=split, num_warps=warps_stages,
                                 num_stages=warps_stages, block_r=block_r)
@@ -50,7 +60,7 @@ def compile_lora_kernels(pool: DevicePool, config: ModelConfig, block_m: int) ->
         s = torch.zeros(1, shrink_width(block_r), dtype=torch.float32, device=dev)
         for n in sorted({o for _, o in shapes.values()}):
             y = torch.zeros(1, n, dtype=dtype, device=dev)
-            for warps in (1, 4):
+            for warps in (EXPAND_WARPS, EXPAND_WARPS_FEW_WIDE):
                 lora_expand(s, y, pool.data[0], meta, "q_proj", lay.chunk, lay.chunks_per_page,
                             block_m, num_warps=warps, block_r=block_r)
                 launches += 1

@@ -64,6 +64,17 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
     return torch.where(medium, smoothed, scaled)
 
 
+def rope_tables(head_dim: int, theta: float, scaling: RopeScaling | None,
+                max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_positions, head_dim] float32 on the CPU (as the reference computes them),
+    rotate-half layout."""
+    with torch.device("cpu"):
+        inv = rope_inv_freq(head_dim, theta, scaling)
+        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [P, head_dim]
+        return emb.cos(), emb.sin()
+
+
 class Rotary(nn.Module):
     """cos/sin tables for every position up to max_positions, applied in rotate-half layout."""
 
@@ -72,15 +83,11 @@ class Rotary(nn.Module):
 
     def __init__(self, config: ModelConfig, max_positions: int, device: torch.device) -> None:
         super().__init__()
-        # The table is computed on the CPU in float32 (as the reference does), then moved.
-        with torch.device("cpu"):
-            inv = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
-            freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [P, head_dim]
-        if device.type == "meta":
-            emb = emb[:1]
-        self.register_buffer("cos", emb.cos().to(device), persistent=False)
-        self.register_buffer("sin", emb.sin().to(device), persistent=False)
+        positions = 1 if device.type == "meta" else max_positions
+        cos, sin = rope_tables(config.head_dim, config.rope_theta, config.rope_scaling,
+                               positions)
+        self.register_buffer("cos", cos.to(device), persistent=False)
+        self.register_buffer("sin", sin.to(device), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [T, heads, hd] rotated by each row's position."""
