@@ -30,6 +30,8 @@
 #   c6 (two H200): c3 without the TP check
 #   c8 (two H200): the rotary-store launch checked (TP graphs, fused logits, batch 1), 32-row
 #                  PEFT ratio, S2 0 / 1,000 and a profile of the 1,000-adapter run's early steps
+#   x4a (four H200): TP 4 graphs check, fused logits and batch 1, S4 at TP 1 / 2 / 4 (issue #6)
+#   x4b (four H200): S6 (llama-2-70b, rank 64) at TP 4, 0 / 10 / 100 adapters (issue #6)
 #   p8 (two H200): profiles of S2's early (prefill and mixed) steps, 1,000 adapters vs none
 #   c7 (two H200): TP check; S4 TP 2 with and without LoRA collectives; kernel bench; S2 ratios
 #   k1 (one H200): LoRA kernel launch variants at batch 64; profiled batch-1 decode
@@ -60,6 +62,13 @@ tiers_sat() {  # time limit per run, then extra bench arguments
     done
   done
 }
+# The TP summary table of a setting's runs in OUT (bench/tp_bench.py), then those runs' JSON
+# packed into one archive and the logs moved out, so no more than 8 files come back.
+tp_table() {  # setting, out dir
+  python3 bench/tp_bench.py --setting "$1" --from-runs "$2"/bench-*-"$1"-*.json --out "$2"
+  tar czf "$2/runs-$1.tgz" -C "$2" $(cd "$2" && ls bench-*.json) && rm "$2"/bench-*.json
+  mkdir -p /tmp/logs && mv "$2"/*.log /tmp/logs/ 2>/dev/null; ls "$2"
+}
 # The two GPUs' logs without their headers: the last lines of each run.
 summary() {
   grep -h -v -e '^ *$' /tmp/gpu0.log /tmp/gpu1.log | grep -v -e "^date" -e "^engine:" \
@@ -86,12 +95,36 @@ tp)  # each run writes its JSON at once
 tpg|tpg-runs)  # tpg-runs: the S4 runs alone
   [ "$part" = tpg ] && timeout 150 python3 bench/tp_graph_check.py --tp 2 --out "$out" 2>&1 \
     | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
+  # TPG_SETTING (default S4) and TPG_ARGS (extra bench arguments) serve the S6 runs too
   for spec in ${TPG_RUNS:-1:100 2:100 2:0 2:100:skip}; do  # TP size:adapters[:skip]
     IFS=: read -r -a f <<< "$spec"; set -- "${f[@]}"
+    # shellcheck disable=SC2086  # TPG_ARGS is a list of words
     LORAPLANE_TP_SKIP_LORA_COLLECTIVES=$([ "$3" = skip ] && echo 1 || echo 0) \
-      bench 140 --setting S4 --ranks 16 32 64 --num-adapters "$2" --tensor-parallel-size "$1" \
-      --saturate --num-requests 150 --sets-per-rank 4 | tail -3
+      bench "${TPG_LIMIT:-140}" --setting "${TPG_SETTING:-S4}" --num-adapters "$2" \
+      --tensor-parallel-size "$1" --saturate --num-requests 150 --sets-per-rank 4 \
+      ${TPG_ARGS:-} | tail -3
   done ;;
+x4a)  # four H200, ~8 min, the first call on four GPUs: the TP 4 graphs check (also the first
+      # GPU run of the rotary launch that stores k and v, 6056f06); fused vs unfused logits and
+      # the batch-1 step (GPU 0) beside S4 TP 1 (GPU 1) and TP 2 (GPUs 2, 3); then S4 at TP 4
+      # with 100 adapters, none, and 100 with the LoRA collectives skipped; the S4 scaling table
+  timeout 150 python3 bench/tp_graph_check.py --tp 4 --model random:tiny-kv8 --out "$out" 2>&1 \
+    | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout 150 python3 bench/fused_check.py --out "$out" 2>&1 | grep -v -i warn | tail -8
+  ) > /tmp/gpu0.log 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1; TPG_RUNS="1:100" bash "$0" tpg-runs "$out") > /tmp/gpu1.log 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=2,3; TPG_RUNS="2:100 2:0" bash "$0" tpg-runs "$out"
+  ) > /tmp/gpu23.log 2>&1 &
+  wait
+  cat /tmp/gpu0.log; grep -h -e '^loraplane' -e '^->' /tmp/gpu1.log /tmp/gpu23.log
+  TPG_RUNS="4:100 4:0 4:100:skip" bash "$0" tpg-runs "$out"
+  tp_table S4 "$out" ;;
+x4b)  # four H200, ~9 min: S6 (llama-2-70b shapes, rank 64) at TP 4: no LoRA, 10 and 100
+      # adapters, and 100 with the LoRA collectives skipped; the S6 table
+  TPG_SETTING=S6 TPG_LIMIT=135 TPG_ARGS="--host-cache-memory 24" \
+    TPG_RUNS="4:0 4:10 4:100 4:100:skip" bash "$0" tpg-runs "$out"
+  tp_table S6 "$out" ;;
 x2b)  # two H200 at once: tier runs then the fused-layer check on GPU 0; the policy sweep then
       # S2 at saturation with 0 and 1,000 adapters on GPU 1. Tier and policy runs keep the
       # unfused layers (set before the fused ones had run on a GPU).

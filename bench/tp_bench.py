@@ -6,9 +6,9 @@ throughput, first-token latency, speed-up over the smallest TP size, scaling eff
 cost of LoRA (its extra collectives included) at each size, and writes one JSON record.
 
 Issue #5 (nvidia-h200-x2), llama-2-13b S4, 100 adapters:
-    python bench/tp_bench.py --shape llama-2-13b --ranks 16 32 64 --num-adapters 100 --tp 1 2
-Issue #6 (x4 / x8), llama-2-70b ranks {64}, 10 and 100 adapters:
-    python bench/tp_bench.py --shape llama-2-70b --ranks 64 --num-adapters 10 100 --tp 4 8
+    python bench/tp_bench.py --setting S4 --num-adapters 100 --tp 1 2
+Issue #6 (x4 / x8), S6: llama-2-70b ranks {64}, 10 and 100 adapters:
+    python bench/tp_bench.py --setting S6 --num-adapters 10 100 --tp 4 8
 On CPU (gloo), end to end in about a minute:
     python bench/tp_bench.py --shape tiny --ranks 2 5 --num-adapters 4 --tp 1 2 \
         --num-requests 8 --device cpu -- --dtype float32 --input-range 8 32 \
@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from loraplane.engine.bench.workload import SETTINGS
+
 COLUMNS = ("req_per_s", "output_tokens_per_s", "first_token_ms_p50", "first_token_ms_p99",
            "decode_step_ms_p50")
 
@@ -34,7 +36,7 @@ def run_one(args: argparse.Namespace, tp: int, adapters: int, extra: list[str],
             out: Path) -> dict:
     """One `loraplane bench` process; returns its JSON record."""
     folder = out / f"tp{tp}-n{adapters}"
-    cmd = [sys.executable, "-m", "loraplane.cli", "bench", "--setting", "S4",
+    cmd = [sys.executable, "-m", "loraplane.cli", "bench", "--setting", args.setting,
            "--model", f"random:{args.shape}", "--ranks", *map(str, args.ranks),
            "--num-adapters", str(adapters), "--tensor-parallel-size", str(tp), "--saturate",
            "--num-requests", str(args.num_requests), "--device", args.device,
@@ -50,30 +52,40 @@ def run_one(args: argparse.Namespace, tp: int, adapters: int, extra: list[str],
 
 def summarize(runs: list[dict]) -> list[dict]:
     """One row per run, with speed-up and efficiency against the smallest TP size run with
-    the same adapters, and LoRA's cost against the no-LoRA run at the same TP size."""
+    the same adapters, LoRA's cost against the no-LoRA run at the same TP size, and the cost of
+    the LoRA collectives against a run that skipped them (same TP size and adapters)."""
     rows = []
     for r in runs:
         c, res = r["config"], r["results"]["loraplane"]
         rows.append({"tp": c["tensor_parallel_size"], "adapters": c["num_adapters"],
-                     "graphs": c.get("cuda_graphs", False), **{k: res.get(k) for k in COLUMNS}})
+                     "graphs": c.get("cuda_graphs", False),
+                     "skip_collectives": bool(c.get("tp_skip_lora_collectives")),
+                     **{k: res.get(k) for k in COLUMNS}})
+    # Runs without the collectives compute wrong outputs: they only price the collectives.
+    real = [o for o in rows if not o["skip_collectives"]]
     for row in rows:
-        same = [o for o in rows if o["adapters"] == row["adapters"]]
+        same = [o for o in real if o["adapters"] == row["adapters"]] or [row]
         base = min(same, key=lambda o: o["tp"])
         speedup = row["req_per_s"] / base["req_per_s"]
         row["speedup"] = round(speedup, 3)
         row["scaling_efficiency"] = round(speedup * base["tp"] / row["tp"], 3)
-        plain = [o for o in rows if o["tp"] == row["tp"] and o["adapters"] == 0]
+        plain = [o for o in real if o["tp"] == row["tp"] and o["adapters"] == 0]
         row["lora_cost"] = (round(1 - row["req_per_s"] / plain[0]["req_per_s"], 4)
                             if plain and row["adapters"] else None)
+        skipped = [o for o in rows if o["skip_collectives"] and o["tp"] == row["tp"]
+                   and o["adapters"] == row["adapters"]]
+        row["collectives_cost"] = (round(1 - row["req_per_s"] / skipped[0]["req_per_s"], 4)
+                                   if skipped and not row["skip_collectives"] else None)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    names = ("tp", "adapters", "graphs", *COLUMNS, "speedup", "scaling_efficiency",
-             "lora_cost")
-    lines = ["  ".join(f"{n:>20}" for n in names)]
+    names = ("tp", "adapters", "graphs", "skip_collectives", *COLUMNS, "speedup",
+             "scaling_efficiency", "lora_cost", "collectives_cost")
+    lines = ["  ".join(f"{n:>8}" for n in names)]
     for row in rows:
-        lines.append("  ".join(f"{'-' if row[n] is None else str(row[n]):>20}" for n in names))
+        lines.append("  ".join(f"{'-' if row[n] is None else str(row[n]):>{max(len(n), 8)}}"
+                               for n in names))
     return "\n".join(lines)
 
 
@@ -84,8 +96,11 @@ def main(argv: list[str]) -> int:
         extra = argv[argv.index("--") + 1:]
         argv = argv[:argv.index("--")]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="llama-2-13b", help="random:<shape> model")
-    p.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--setting", default="S4", choices=sorted(SETTINGS),
+                   help="workload setting: its shape and ranks unless --shape/--ranks say")
+    p.add_argument("--shape", default=None, help="random:<shape> model (default: the setting's)")
+    p.add_argument("--ranks", type=int, nargs="+", default=None,
+                   help="adapter ranks (default: the setting's)")
     p.add_argument("--num-adapters", type=int, nargs="+", default=[100])
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes to run")
     p.add_argument("--no-lora-tp", type=int, nargs="*", default=None,
@@ -104,6 +119,8 @@ def main(argv: list[str]) -> int:
                    help="earlier tp_bench records whose runs join this summary (to split the "
                         "runs over several commands)")
     args = p.parse_args(argv)
+    args.shape = args.shape or SETTINGS[args.setting].model
+    args.ranks = args.ranks or list(SETTINGS[args.setting].ranks)
     no_lora = args.no_lora_tp if args.no_lora_tp is not None else [t for t in args.tp if t > 1]
     plan = [(tp, n) for tp in args.tp for n in args.num_adapters]
     plan += [(tp, 0) for tp in no_lora if (tp, 0) not in plan]

@@ -45,7 +45,7 @@ and print one table (e.g. S-LoRA's early abort vs FCFS under overload:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--setting", default="S2", choices=sorted(SETTINGS),
                    help="S1: llama-2-7b ranks {8}; S2: llama-2-7b ranks {8,16,32,64}; "
-                        "S4: llama-2-13b ranks {16,32,64} (default S2)")
+                        "S4: llama-2-13b ranks {16,32,64}; S6: llama-2-70b ranks {64} (default S2)")
     p.add_argument("--model", default=None,
                    help="model spec (default random:<the setting's shape>), e.g. random:tiny")
     p.add_argument("--ranks", type=int, nargs="+", default=None,

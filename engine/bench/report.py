@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from loraplane.engine.bench.workload import SETTINGS
 from loraplane.engine.config import EngineConfig
 
 DEFAULT_POLICY = EngineConfig().scheduling_policy
@@ -98,8 +99,13 @@ def write(record: dict, out_dir: Path, path: Path | None = None) -> Path:
     policies = c.get("scheduling_policies") or []
     if policies and policies != [DEFAULT_POLICY]:
         mode += "-" + "-".join(policies)
+    # A --model other than the setting's own shape is named, so runs of two shapes never
+    # share a name.
+    model = c.get("model")
+    own = f"random:{SETTINGS[c['setting']].model}" if c["setting"] in SETTINGS else None
+    shape = f"-{_slug(model.removeprefix('random:'))[:32]}" if model and model != own else ""
     base = (f"bench-{record['date'][:10]}-{_slug(m.get('gpu') or m['cpu'])[:32]}-{c['setting']}"
-            f"-n{c['num_adapters']}-{mode}-alpha{c['alpha']:g}"
+            + shape + f"-n{c['num_adapters']}-{mode}-alpha{c['alpha']:g}"
             + ("-disk" if c.get("adapter_source") == "disk" else "")
             + ("" if c.get("prefetch", True) else "-noprefetch")
             + ("-peft" if c["baseline"] == "peft" else "")

@@ -19,6 +19,8 @@ SETTINGS: dict[str, Setting] = {
     "S1": Setting("llama-2-7b", (8,)),
     "S2": Setting("llama-2-7b", (8, 16, 32, 64)),
     "S4": Setting("llama-2-13b", (16, 32, 64)),
+    # S-LoRA's S6 shape (70B, rank 64) with this harness's S4-style lengths and arrivals.
+    "S6": Setting("llama-2-70b", (64,)),
 }
 
 
