@@ -95,13 +95,15 @@ tp)  # each run writes its JSON at once
 tpg|tpg-runs)  # tpg-runs: the S4 runs alone
   [ "$part" = tpg ] && timeout 150 python3 bench/tp_graph_check.py --tp 2 --out "$out" 2>&1 \
     | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
-  # TPG_SETTING (default S4) and TPG_ARGS (extra bench arguments) serve the S6 runs too
+  # TPG_SETTING (default S4), TPG_REQUESTS, TPG_LIMIT (seconds a run) and TPG_ARGS (extra
+  # bench arguments) serve the S6 runs too
   for spec in ${TPG_RUNS:-1:100 2:100 2:0 2:100:skip}; do  # TP size:adapters[:skip]
     IFS=: read -r -a f <<< "$spec"; set -- "${f[@]}"
     # shellcheck disable=SC2086  # TPG_ARGS is a list of words
     LORAPLANE_TP_SKIP_LORA_COLLECTIVES=$([ "$3" = skip ] && echo 1 || echo 0) \
       bench "${TPG_LIMIT:-140}" --setting "${TPG_SETTING:-S4}" --num-adapters "$2" \
-      --tensor-parallel-size "$1" --saturate --num-requests 150 --sets-per-rank 4 \
+      --tensor-parallel-size "$1" --saturate --num-requests "${TPG_REQUESTS:-150}" \
+      --sets-per-rank 4 \
       ${TPG_ARGS:-} | tail -3
   done ;;
 x4a)  # four H200, ~8 min, the first call on four GPUs: the TP 4 graphs check (also the first
@@ -120,11 +122,14 @@ x4a)  # four H200, ~8 min, the first call on four GPUs: the TP 4 graphs check (a
   cat /tmp/gpu0.log; grep -h -e '^loraplane' -e '^->' /tmp/gpu1.log /tmp/gpu23.log
   TPG_RUNS="4:100 4:0 4:100:skip" bash "$0" tpg-runs "$out"
   tp_table S4 "$out" ;;
-x4b)  # four H200, ~9 min: S6 (llama-2-70b shapes, rank 64) at TP 4: no LoRA, 10 and 100
-      # adapters, and 100 with the LoRA collectives skipped; the S6 table
-  TPG_SETTING=S6 TPG_LIMIT=135 TPG_ARGS="--host-cache-memory 24" \
+x4b)  # four H200, ~9.5 min: S6 (llama-2-70b shapes, rank 64) at TP 4: no LoRA, 10 and 100
+      # adapters, and 100 with the LoRA collectives skipped (100 requests each); the S6 table;
+      # then the TP 4 graphs check again (tiny-kv8 now has 16-wide heads and chunks)
+  TPG_SETTING=S6 TPG_LIMIT=120 TPG_REQUESTS=100 TPG_ARGS="--host-cache-memory 24" \
     TPG_RUNS="4:0 4:10 4:100 4:100:skip" bash "$0" tpg-runs "$out"
-  tp_table S6 "$out" ;;
+  tp_table S6 "$out"
+  timeout 90 python3 bench/tp_graph_check.py --tp 4 --model random:tiny-kv8 --out "$out" 2>&1 \
+    | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8 ;;
 x2b)  # two H200 at once: tier runs then the fused-layer check on GPU 0; the policy sweep then
       # S2 at saturation with 0 and 1,000 adapters on GPU 1. Tier and policy runs keep the
       # unfused layers (set before the fused ones had run on a GPU).

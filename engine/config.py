@@ -113,8 +113,8 @@ NAMED_SHAPES: dict[str, ModelConfig] = {
     # Tiny shapes for fast tests; tiny-kv8 has 8 KV heads, so it shards 2, 4 and 8 ways.
     "tiny": ModelConfig("tiny", 512, 64, 128, 2, 4, 2, 16, max_position_embeddings=1024,
                         bos_token_id=1, eos_token_ids=(2,)),
-    "tiny-kv8": ModelConfig("tiny-kv8", 512, 64, 128, 2, 8, 8, 8, max_position_embeddings=1024,
-                            bos_token_id=1, eos_token_ids=(2,)),
+    "tiny-kv8": ModelConfig("tiny-kv8", 512, 128, 256, 2, 8, 8, 16,
+                            max_position_embeddings=1024, bos_token_id=1, eos_token_ids=(2,)),
 }
 
 # Admission policies of engine/policies.py.

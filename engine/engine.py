@@ -61,12 +61,22 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def default_lora_op(device: torch.device) -> Callable[[DevicePool], LoraOp]:
-    """Triton kernels on CUDA, the plain-torch op elsewhere."""
-    if device.type == "cuda":
-        from loraplane.engine.lora.triton_op import TritonLoraOp
+    """Triton kernels on CUDA, the plain-torch op elsewhere or where the pool's chunks are too
+    narrow for the kernels' matrix products (tiny test shapes)."""
+    if device.type != "cuda":
+        return TorchLoraOp
+    from loraplane.engine.kernels.lora_meta import MIN_KERNEL_CHUNK
+    from loraplane.engine.lora.triton_op import TritonLoraOp
 
-        return TritonLoraOp
-    return TorchLoraOp
+    def make(pool: DevicePool) -> LoraOp:
+        if pool.layout.chunk >= MIN_KERNEL_CHUNK:
+            return TritonLoraOp(pool)
+        log.warning("adapter chunks of %d elements are narrower than the LoRA kernels' %d: "
+                    "the plain-torch LoRA op serves this model (slower, no decode graphs "
+                    "with adapters)", pool.layout.chunk, MIN_KERNEL_CHUNK)
+        return TorchLoraOp(pool)
+
+    return make
 
 
 @dataclass(frozen=True)

@@ -326,3 +326,15 @@ def test_expand_blocks_wider_than_a_chunk(case: int) -> None:
     lora_expand(s[:, :w], one, pool.data[layer], meta, "q_proj", lay.chunk,
                 lay.chunks_per_page, 16, block_n=4 * lay.chunk)
     torch.testing.assert_close(one.float(), ref.float(), atol=0.4, rtol=2e-2)
+
+
+def test_cuda_op_falls_back_to_torch_for_chunks_too_narrow_for_the_kernels() -> None:
+    """tl.dot needs 16 on every side on the GPU: a pool of 8-element chunks (a tiny test shape)
+    gets the plain-torch op on CUDA instead of a kernel that fails to compile."""
+    from loraplane.engine.engine import default_lora_op
+
+    make = default_lora_op(torch.device("cuda"))
+    narrow = DevicePool(PoolLayout(1, 16, 1, 8, 8), 4, torch.float32, torch.device("cpu"))
+    wide = DevicePool(PoolLayout(1, 16, 1, 16, 16), 4, torch.float32, torch.device("cpu"))
+    assert type(make(narrow)) is TorchLoraOp
+    assert type(make(wide)) is TritonLoraOp

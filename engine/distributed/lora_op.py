@@ -17,7 +17,13 @@ import torch.distributed as dist
 from loraplane.engine.config import ModelConfig
 from loraplane.engine.distributed.sharding import ROW_PARALLEL, padded_rank
 from loraplane.engine.kernels.lora_expand import lora_expand, lora_expand_ref
-from loraplane.engine.kernels.lora_meta import LoraKernelMeta, StaticMeta, StaticShape, build_meta
+from loraplane.engine.kernels.lora_meta import (
+    MIN_KERNEL_CHUNK,
+    LoraKernelMeta,
+    StaticMeta,
+    StaticShape,
+    build_meta,
+)
 from loraplane.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref
 from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment, targeted_modules
 from loraplane.engine.lora.triton_op import compile_lora_kernels, targeted_group
@@ -77,8 +83,14 @@ class TensorParallelLoraOp(LoraOp):
         self.rank = rank
         self.world = world
         self.group = group
-        # Triton kernels on CUDA; their torch twins elsewhere unless asked for.
-        self.kernels = pool.data.device.type == "cuda" if kernels is None else kernels
+        # Triton kernels on CUDA (where this rank's chunks are wide enough for them); their
+        # torch twins elsewhere unless asked for.
+        fits = pool.layout.chunk >= MIN_KERNEL_CHUNK
+        self.kernels = pool.data.device.type == "cuda" and fits if kernels is None else kernels
+        if pool.data.device.type == "cuda" and not fits:
+            log.warning("adapter chunks of %d elements on each rank are narrower than the LoRA "
+                        "kernels' %d: the plain-torch LoRA op serves this model",
+                        pool.layout.chunk, MIN_KERNEL_CHUNK)
         # (layer, module) -> (its input, its gathered shrink [T, R'·N]) computed with a sibling.
         self._pending: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         # The kernels read fixed-size metadata, so steps can be captured in CUDA graphs.

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 MODULE_INDEX = {m: i for i, m in enumerate(LORA_MODULES)}
 # The rank tiles the shrink and expand choose from (rank_tile); the engine compiles both.
 RANK_TILES = (16, 32)
+# tl.dot needs every dimension of at least 16 on the GPU, and the kernels' K (shrink) and N
+# (expand) blocks are one pool chunk wide at most.
+MIN_KERNEL_CHUNK = 16
 SEG_FIELDS = 4  # row_start, row_end, rank, page table offset
 TILE_FIELDS = 2  # segment index, first row
 # Each section of the packed buffer starts 16 bytes aligned: Triton specializes a kernel on its
