@@ -32,6 +32,7 @@
 #                  PEFT ratio, S2 0 / 1,000 and a profile of the 1,000-adapter run's early steps
 #   x4a (four H200): TP 4 graphs check, fused logits and batch 1, S4 at TP 1 / 2 / 4 (issue #6)
 #   x4b (four H200): S6 (llama-2-70b, rank 64) at TP 4, 0 / 10 / 100 adapters (issue #6)
+#   s6 (S6_TP H200, default two): the same at TP S6_TP
 #   p8 (two H200): profiles of S2's early (prefill and mixed) steps, 1,000 adapters vs none
 #   c7 (two H200): TP check; S4 TP 2 with and without LoRA collectives; kernel bench; S2 ratios
 #   k1 (one H200): LoRA kernel launch variants at batch 64; profiled batch-1 decode
@@ -122,14 +123,16 @@ x4a)  # four H200, ~8 min, the first call on four GPUs: the TP 4 graphs check (a
   cat /tmp/gpu0.log; grep -h -e '^loraplane' -e '^->' /tmp/gpu1.log /tmp/gpu23.log
   TPG_RUNS="4:100 4:0 4:100:skip" bash "$0" tpg-runs "$out"
   tp_table S4 "$out" ;;
-x4b)  # four H200, ~9.5 min: S6 (llama-2-70b shapes, rank 64) at TP 4: no LoRA, 10 and 100
-      # adapters, and 100 with the LoRA collectives skipped (100 requests each); the S6 table;
-      # then the TP 4 graphs check again (tiny-kv8 now has 16-wide heads and chunks)
+x4b|s6)  # four H200 (x4b), or S6_TP GPUs (s6), ~9.5 min: S6 (llama-2-70b shapes, rank 64) at
+        # TP 4 (or S6_TP): no LoRA, 10 and 100 adapters, and 100 with the LoRA collectives
+        # skipped (100 requests each); the S6 table; then the TP graphs check at that size
+        # (tiny-kv8 now has 16-wide heads and chunks)
+  tp=$([ "$part" = s6 ] && echo "${S6_TP:-2}" || echo 4)
   TPG_SETTING=S6 TPG_LIMIT=120 TPG_REQUESTS=100 TPG_ARGS="--host-cache-memory 24" \
-    TPG_RUNS="4:0 4:10 4:100 4:100:skip" bash "$0" tpg-runs "$out"
+    TPG_RUNS="$tp:0 $tp:10 $tp:100 $tp:100:skip" bash "$0" tpg-runs "$out"
   tp_table S6 "$out"
-  timeout 90 python3 bench/tp_graph_check.py --tp 4 --model random:tiny-kv8 --out "$out" 2>&1 \
-    | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8 ;;
+  timeout 90 python3 bench/tp_graph_check.py --tp "$tp" --model random:tiny-kv8 --out "$out" \
+    2>&1 | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8 ;;
 x2b)  # two H200 at once: tier runs then the fused-layer check on GPU 0; the policy sweep then
       # S2 at saturation with 0 and 1,000 adapters on GPU 1. Tier and policy runs keep the
       # unfused layers (set before the fused ones had run on a GPU).
