@@ -33,6 +33,7 @@
 #   x4a (four H200): TP 4 graphs check, fused logits and batch 1, S4 at TP 1 / 2 / 4 (issue #6)
 #   x4b (four H200): S6 (llama-2-70b, rank 64) at TP 4, 0 / 10 / 100 adapters (issue #6)
 #   s6 (S6_TP H200, default two): the same at TP S6_TP
+#   p9 (two H200): p8, then a profile of the same steps of S4 at TP 2 with 100 adapters
 #   p8 (two H200): profiles of S2's early (prefill and mixed) steps, 1,000 adapters vs none
 #   c7 (two H200): TP check; S4 TP 2 with and without LoRA collectives; kernel bench; S2 ratios
 #   k1 (one H200): LoRA kernel launch variants at batch 64; profiled batch-1 decode
@@ -211,6 +212,14 @@ p8)  # two H200, ~2 min: where S2's prefill and mixed steps go with 1,000 adapte
   wait
   grep -h -A2 '^system' /tmp/gpu0.log /tmp/gpu1.log
   for f in "$out"/profile-*.txt; do echo "== $f"; head -c 5000 "$f"; done ;;
+p9)  # two H200, ~4 min: p8, then the same early steps of S4 at TP 2 with 100 adapters (rank
+    # 0's profile): where LoRA's prefill and mixed steps go, at one GPU and at two
+  bash "$0" p8 "$out" > /tmp/p8.log 2>&1
+  grep -h -A2 '^system' /tmp/gpu0.log /tmp/gpu1.log
+  bench 150 --setting S4 --num-adapters 100 --tensor-parallel-size 2 --saturate \
+    --num-requests 150 --sets-per-rank 4 --profile-steps 5 60 | tail -3
+  mkdir -p /tmp/logs && mv "$out"/*.log /tmp/logs/ 2>/dev/null
+  for f in "$out"/profile-*.txt; do echo "== $f"; head -24 "$f" | cut -c1-72,143-170,199-212; done ;;
 c7)  # two H200, ~6.5 min: after the meta alignment and the start-up kernel compiles: TP graphs
     # check, S4 TP 2 with and without the LoRA collectives, then the LoRA kernel bench and S2
     # 0 / 1,000 (GPU 0) beside S2 5 / 2,000 (GPU 1); logs leave $out (8 files come back)
