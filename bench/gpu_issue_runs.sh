@@ -34,6 +34,7 @@
 #   x4b (four H200): S6 (llama-2-70b, rank 64) at TP 4, 0 / 10 / 100 adapters (issue #6)
 #   s6 (S6_TP H200, default two): the same at TP S6_TP
 #   p9 (two H200): p8, then a profile of the same steps of S4 at TP 2 with 100 adapters
+#   tpfix (two H200): S4 / S6 at TP 2 after the workers' packed adapter shards
 #   p8 (two H200): profiles of S2's early (prefill and mixed) steps, 1,000 adapters vs none
 #   c7 (two H200): TP check; S4 TP 2 with and without LoRA collectives; kernel bench; S2 ratios
 #   k1 (one H200): LoRA kernel launch variants at batch 64; profiled batch-1 decode
@@ -220,6 +221,18 @@ p9)  # two H200, ~4 min: p8, then the same early steps of S4 at TP 2 with 100 ad
     --num-requests 150 --sets-per-rank 4 --profile-steps 5 60 | tail -3
   mkdir -p /tmp/logs && mv "$out"/*.log /tmp/logs/ 2>/dev/null
   for f in "$out"/profile-*.txt; do echo "== $f"; head -24 "$f" | cut -c1-72,143-170,199-212; done ;;
+tpfix)  # two H200, ~6 min: after TP workers pack their adapter shards (pinned, so a load in a
+       # step is one asynchronous copy): S4 TP 2 with 100 adapters, with and without the LoRA
+       # collectives; S6 TP 2 with 100 and 10 adapters; a line per run with its step times
+  TPG_RUNS="2:100 2:100:skip" bash "$0" tpg-runs "$out"
+  TPG_SETTING=S6 TPG_LIMIT=120 TPG_REQUESTS=100 TPG_ARGS="--host-cache-memory 24" \
+    TPG_RUNS="2:100 2:10" bash "$0" tpg-runs "$out"
+  mkdir -p /tmp/logs && mv "$out"/*.log /tmp/logs/ 2>/dev/null
+  python3 -c 'import json, sys
+for f in sys.argv[1:]:
+    r = json.load(open(f))["results"]["loraplane"]
+    print(f.split("/")[-1], *(f"{k}={r[k]}" for k in ("req_per_s", "decode_step_ms_p50",
+          "decode_steps_s", "other_steps_s")))' "$out"/bench-*.json ;;
 c7)  # two H200, ~6.5 min: after the meta alignment and the start-up kernel compiles: TP graphs
     # check, S4 TP 2 with and without the LoRA collectives, then the LoRA kernel bench and S2
     # 0 / 1,000 (GPU 0) beside S2 5 / 2,000 (GPU 1); logs leave $out (8 files come back)

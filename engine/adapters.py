@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ class LoraWeights(LoraSpec):
 
     a: dict[str, torch.Tensor] = field(default_factory=dict)
     bt: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Set by `packed`: [num_layers, elems] in pool order, which a and bt are views of.
+    flat: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_bytes(self) -> int:
@@ -79,8 +82,29 @@ class LoraWeights(LoraSpec):
                 for m, kind, _ in self.segments(config)]
 
     def flatten(self, config: ModelConfig) -> torch.Tensor:
-        """[num_layers, elems] in pool order, the layout the LoRA ops read back from the pool."""
+        """[num_layers, elems] in pool order, the layout the LoRA ops read back from the pool
+        (the packed buffer itself, no copy, after `packed`)."""
+        if self.flat is not None:
+            return self.flat
         return torch.cat(self._parts(config), dim=1)
+
+    def packed(self, config: ModelConfig, pin: bool) -> LoraWeights:
+        """The same weights as views of one [num_layers, elems] buffer in pool order, pinned
+        when asked: `flatten` then returns that buffer, and copying it to the GPU is one
+        asynchronous transfer instead of a host concatenation and a blocking copy."""
+        parts = self._parts(config)
+        flat = torch.empty(config.num_layers, sum(p.shape[1] for p in parts),
+                           dtype=parts[0].dtype, pin_memory=pin)
+        a: dict[str, torch.Tensor] = {}
+        bt: dict[str, torch.Tensor] = {}
+        start = 0
+        for (m, kind, n), part in zip(self.segments(config), parts, strict=True):
+            view = flat[:, start:start + n]  # [L, n], rows `elems` apart
+            view.copy_(part)
+            own, out = (self.a, a) if kind == "a" else (self.bt, bt)
+            out[m] = view.view(own[m].shape)
+            start += n
+        return dataclasses.replace(self, a=a, bt=bt, flat=flat)
 
     def write_pages(self, config: ModelConfig, pages: list[torch.Tensor]) -> None:
         """Lay `flatten`'s layout out over page buffers, each [num_layers, page_elems] (page k

@@ -303,3 +303,24 @@ def test_refuses_file_over_max_bytes(good: Path) -> None:
 def test_refuses_paths_that_are_not_directories(good: Path, tmp_path: Path) -> None:
     refused(good / WEIGHTS_FILE, "is not a directory")
     refused(tmp_path / "nowhere", "is not a directory")
+
+
+def test_packed_weights_are_views_of_their_pool_order_buffer() -> None:
+    """A tensor-parallel worker packs each shard once: flatten then returns the buffer itself
+    (no concatenation in a step), and the weights are views of it with unchanged values."""
+    from loraplane.engine.adapters import random_lora_weights
+    from loraplane.engine.distributed.sharding import shard_lora_weights
+
+    cfg = NAMED_SHAPES["tiny-kv8"]
+    for weights in (random_lora_weights(cfg, 5, LORA_MODULES),
+                    shard_lora_weights(random_lora_weights(cfg, 5, ("q_proj", "down_proj")), 1, 4)):
+        packed = weights.packed(cfg, pin=False)
+        assert packed.flat is not None and packed.flatten(cfg) is packed.flat
+        assert torch.equal(packed.flat, weights.flatten(cfg))
+        for m in weights.modules:
+            assert torch.equal(packed.a[m], weights.a[m])
+            assert torch.equal(packed.bt[m], weights.bt[m])
+            storage = packed.flat.untyped_storage().data_ptr()
+            assert packed.a[m].untyped_storage().data_ptr() == storage
+        packed.a[weights.modules[0]][0, 0, 0] = 7.0  # a view: the buffer sees it
+        assert packed.flat[0, 0] == 7.0

@@ -302,7 +302,11 @@ class TensorParallelEngine(LLMEngine):
         shard = self._shards.get(key)
         if shard is None:
             full = self.read_adapter(name, path).read(self.pool.data.dtype)
-            shard = shard_lora_weights(full, self.tp.rank, self.tp.world)
+            # Packed (pinned on CUDA) once here, so placing it in a step is one asynchronous
+            # copy: rank 0 loads on a side stream, and a worker that concatenated and copied
+            # synchronously in the step made rank 0 wait for it in the first collective.
+            shard = shard_lora_weights(full, self.tp.rank, self.tp.world).packed(
+                self.config, pin=self.pool.data.device.type == "cuda")
             self._shards[key] = shard
         return shard
 
@@ -315,7 +319,9 @@ class TensorParallelEngine(LLMEngine):
     def _place(self, adapter_id: int, pages: list[int]) -> None:
         """Write this rank's shard of an adapter into the pages rank 0 gave it."""
         adapter = self._by_id[adapter_id]
-        # Workers register shards as in-memory sources: reading one is a no-op.
+        # Workers register packed shards as in-memory sources: reading one is a no-op, and
+        # flatten returns the packed (pinned) buffer, copied on the compute stream ahead of
+        # the step's kernels without blocking the host.
         weights = adapter.source.read(self.pool.data.dtype)
         self.pool.write_pages(pages, weights.flatten(self.config))
         adapter.pages = pages  # the kernels read page tables only
