@@ -67,18 +67,27 @@ class ModelRunner:
         ids, slices, sample_rows, samplers = step_rows(seqs, nums)
         if self.before_forward is not None:
             self.before_forward(ids, slices, segments, None)
+        hidden = self.forward_rows(ids, slices, segments)
+        if not samplers:
+            return [], [], torch.empty(0)
+        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        return samplers, sample(logits, samplers), logits
+
+    def forward_rows(self, ids: list[int], slices: list[SeqSlice],
+                     segments: list[LoraSegment]) -> torch.Tensor:
+        """Hidden states [T, hidden] of an eager step's rows (rank 0's and a tensor-parallel
+        worker's). The inputs go to the device without blocking the host: a blocking copy
+        waits for the GPU to drain the previous step, after which the GPU idles while the host
+        launches this step's kernels (a worker doing so made rank 0 wait for it at every
+        collective of the step)."""
         dev = self.device
         meta = self.attention.build(slices, self.block_size, dev)
         self.lora.batch = self.lora.op.prepare(segments)
         try:
-            hidden = self.model(torch.tensor(ids).to(dev, non_blocking=True),
-                                positions_of(slices).to(dev, non_blocking=True), self.pool, meta)
+            return self.model(torch.tensor(ids).to(dev, non_blocking=True),
+                              positions_of(slices).to(dev, non_blocking=True), self.pool, meta)
         finally:
             self.lora.batch = self.lora.op.prepare([])
-        if not samplers:
-            return [], [], torch.empty(0)
-        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
-        return samplers, sample(logits, samplers), logits
 
 
 def step_rows(seqs: list[Sequence], nums: list[int]) -> tuple[

@@ -53,7 +53,6 @@ from loraplane.engine.engine import EngineParts, LLMEngine, resolve_device, reso
 from loraplane.engine.errors import EngineDeadError, EngineError
 from loraplane.engine.lora.ops import LoraSegment
 from loraplane.engine.memory_pool import PoolLayout
-from loraplane.engine.model_runner import positions_of
 from loraplane.engine.models.llama import LlamaModel, build_model
 from loraplane.engine.models.loader import LoadedModel, load_model
 from loraplane.engine.outputs import AdapterInfo, RequestOutput
@@ -103,6 +102,9 @@ class TensorParallelEngine(LLMEngine):
         self._by_id: dict[int, Adapter] = {}
         self._shards: weakref.WeakValueDictionary[tuple[str, int, int], LoraWeights] = \
             weakref.WeakValueDictionary()
+        # Bytes of those shards in pinned memory, kept within the host cache's size: page-locked
+        # memory is taken from the OS, so shards beyond it stay pageable (one blocking copy).
+        self._pinned_bytes = 0
         # Decode steps replay CUDA graphs on every rank: rank 0 plans a step's graph and sends
         # its key; each rank captures a graph the first time its key comes up, all ranks at the
         # same step, so their captures meet in the same collectives.
@@ -302,13 +304,22 @@ class TensorParallelEngine(LLMEngine):
         shard = self._shards.get(key)
         if shard is None:
             full = self.read_adapter(name, path).read(self.pool.data.dtype)
+            shard = shard_lora_weights(full, self.tp.rank, self.tp.world)
             # Packed (pinned on CUDA) once here, so placing it in a step is one asynchronous
             # copy: rank 0 loads on a side stream, and a worker that concatenated and copied
             # synchronously in the step made rank 0 wait for it in the first collective.
-            shard = shard_lora_weights(full, self.tp.rank, self.tp.world).packed(
-                self.config, pin=self.pool.data.device.type == "cuda")
+            size = shard.num_bytes
+            pin = (self.pool.data.device.type == "cuda"
+                   and self._pinned_bytes + size <= self.engine_config.host_cache_bytes)
+            shard = shard.packed(self.config, pin=pin)
+            if pin:
+                self._pinned_bytes += size
+                weakref.finalize(shard, self._unpinned, size)
             self._shards[key] = shard
         return shard
+
+    def _unpinned(self, size: int) -> None:
+        self._pinned_bytes -= size
 
     def _drop(self, adapter_id: int) -> None:
         adapter = self._by_id.pop(adapter_id, None)
@@ -343,14 +354,7 @@ class TensorParallelEngine(LLMEngine):
             runner.graphs.run_rows(msg.graph, msg.ids, [s.context_len - 1 for s in msg.slices],
                                    [s.block_table for s in msg.slices], segments)
             return
-        dev = runner.device
-        meta = runner.attention.build(msg.slices, runner.block_size, dev)
-        self.lora.batch = self.lora.op.prepare(segments)
-        try:
-            self.model(torch.tensor(msg.ids).to(dev), positions_of(msg.slices).to(dev), self.pool,
-                       meta)
-        finally:
-            self.lora.batch = self.lora.op.prepare([])
+        runner.forward_rows(msg.ids, msg.slices, segments)
 
 
 def _build_shard(loaded: LoadedModel, max_positions: int, dtype: torch.dtype, tp: TPGroup,
