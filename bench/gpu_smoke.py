@@ -157,7 +157,8 @@ def main() -> None:
     res["decode"] = []
     res["sampler_gpu_vs_cpu"] = sampler_agreement(dev)
     print("sampler:", res["sampler_gpu_vs_cpu"], flush=True)
-    runs = ((1, 0, 0, True, False), (1, 1, 16, True, False), (1, 0, 0, True, True),
+    runs: tuple[tuple[int, int, int, bool, bool], ...] = (
+            (1, 0, 0, True, False), (1, 1, 16, True, False), (1, 0, 0, True, True),
             (32, 0, 0, True, False), (32, 32, 16, True, False), (64, 0, 0, True, False),
             (64, 0, 0, True, True), (64, 64, 16, True, False), (64, 64, 64, True, False))
     if args.eager:
