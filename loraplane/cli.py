@@ -104,7 +104,9 @@ def add_tier_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--host-cache-memory", type=float, default=None, metavar="GIB",
                    help="GiB of host RAM for adapter weights, least recently used out "
-                        "(default 8); adapters beyond it are read from their folder when needed")
+                        "(default 8); adapters beyond it are read from their folder when needed. "
+                        "With tensor parallelism each worker also pins up to this much of its "
+                        "adapter shards")
     p.add_argument("--no-prefetch", action="store_true",
                    help="load adapters only when their request is admitted (no prefetch from "
                         "the queue and popularity)")
