@@ -65,16 +65,11 @@ def default_lora_op(device: torch.device) -> Callable[[DevicePool], LoraOp]:
     narrow for the kernels' matrix products (tiny test shapes)."""
     if device.type != "cuda":
         return TorchLoraOp
-    from loraplane.engine.kernels.lora_meta import MIN_KERNEL_CHUNK
+    from loraplane.engine.kernels.lora_meta import kernels_fit
     from loraplane.engine.lora.triton_op import TritonLoraOp
 
     def make(pool: DevicePool) -> LoraOp:
-        if pool.layout.chunk >= MIN_KERNEL_CHUNK:
-            return TritonLoraOp(pool)
-        log.warning("adapter chunks of %d elements are narrower than the LoRA kernels' %d: "
-                    "the plain-torch LoRA op serves this model (slower, no decode graphs "
-                    "with adapters)", pool.layout.chunk, MIN_KERNEL_CHUNK)
-        return TorchLoraOp(pool)
+        return TritonLoraOp(pool) if kernels_fit(pool.layout.chunk) else TorchLoraOp(pool)
 
     return make
 

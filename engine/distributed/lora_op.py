@@ -18,11 +18,11 @@ from loraplane.engine.config import ModelConfig
 from loraplane.engine.distributed.sharding import ROW_PARALLEL, padded_rank
 from loraplane.engine.kernels.lora_expand import lora_expand, lora_expand_ref
 from loraplane.engine.kernels.lora_meta import (
-    MIN_KERNEL_CHUNK,
     LoraKernelMeta,
     StaticMeta,
     StaticShape,
     build_meta,
+    kernels_fit,
 )
 from loraplane.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref
 from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment, targeted_modules
@@ -85,12 +85,9 @@ class TensorParallelLoraOp(LoraOp):
         self.group = group
         # Triton kernels on CUDA (where this rank's chunks are wide enough for them); their
         # torch twins elsewhere unless asked for.
-        fits = pool.layout.chunk >= MIN_KERNEL_CHUNK
-        self.kernels = pool.data.device.type == "cuda" and fits if kernels is None else kernels
-        if pool.data.device.type == "cuda" and not fits:
-            log.warning("adapter chunks of %d elements on each rank are narrower than the LoRA "
-                        "kernels' %d: the plain-torch LoRA op serves this model",
-                        pool.layout.chunk, MIN_KERNEL_CHUNK)
+        if kernels is None:
+            kernels = pool.data.device.type == "cuda" and kernels_fit(pool.layout.chunk)
+        self.kernels = kernels
         # (layer, module) -> (its input, its gathered shrink [T, R'·N]) computed with a sibling.
         self._pending: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         # The kernels read fixed-size metadata, so steps can be captured in CUDA graphs.

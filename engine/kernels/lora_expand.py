@@ -16,6 +16,7 @@ from loraplane.engine.kernels.lora_meta import (
     segment_weights,
     tile_out,
     tile_rows,
+    tile_segment,
 )
 
 
@@ -42,12 +43,8 @@ def _expand_kernel(s_ptr, y_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pag
     N = tl.where(in2, N2, tl.where(in1, N1, N0))
     y_col = tl.where(in2, Y2, tl.where(in1, Y1, 0))
     module = (modules >> (4 * j)) & 15
-    seg = tl.load(tiles_ptr + tile * 2)
-    row0 = tl.load(tiles_ptr + tile * 2 + 1)
-    row_end = tl.load(segs_ptr + seg * 4 + 1)
-    rank = tl.load(segs_ptr + seg * 4 + 2)
-    page_off = tl.load(segs_ptr + seg * 4 + 3)
-    first = tl.load(offsets_ptr + seg * 14 + module * 2 + 1)
+    row0, row_end, rank, page_off, first = tile_segment(tiles_ptr, segs_ptr, offsets_ptr, tile,
+                                                        module, 1)
     if first < 0:
         return
     # A tile of one row (a decode row whose adapter no other row of the step uses) takes the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ from loraplane.engine.config import LORA_MODULES
 if TYPE_CHECKING:
     from loraplane.engine.lora.ops import LoraSegment
 
+log = logging.getLogger(__name__)
 MODULE_INDEX = {m: i for i, m in enumerate(LORA_MODULES)}
 # The rank tiles the shrink and expand choose from (rank_tile); the engine compiles both.
 RANK_TILES = (16, 32)
@@ -37,6 +39,31 @@ def pack_modules(modules: list[str] | tuple[str, ...]) -> int:
     """The module indices of a fused group, 4 bits each (member j at bits 4j..), as the kernels
     unpack them."""
     return sum(MODULE_INDEX[m] << (4 * j) for j, m in enumerate(modules))
+
+
+def kernels_fit(chunk: int) -> bool:
+    """Whether pool chunks of `chunk` elements suit the LoRA kernels on the GPU
+    (MIN_KERNEL_CHUNK); logs why the plain-torch op serves instead when not."""
+    if chunk >= MIN_KERNEL_CHUNK:
+        return True
+    log.warning("adapter chunks of %d elements are narrower than the LoRA kernels' %d: the "
+                "plain-torch LoRA op serves this model (slower, no decode graphs with "
+                "adapters)", chunk, MIN_KERNEL_CHUNK)
+    return False
+
+
+@triton.jit
+def tile_segment(tiles_ptr, segs_ptr, offsets_ptr, tile, module, KIND: tl.constexpr):
+    """What a program reads of its tile (layouts as LoraKernelMeta's): the tile's first row,
+    its segment's end row, rank and page-table offset, and the first chunk of `module`'s A
+    (KIND 0) or B^T (KIND 1), -1 when the adapter leaves the module alone."""
+    seg = tl.load(tiles_ptr + tile * 2)
+    row0 = tl.load(tiles_ptr + tile * 2 + 1)
+    row_end = tl.load(segs_ptr + seg * 4 + 1)
+    rank = tl.load(segs_ptr + seg * 4 + 2)
+    page_off = tl.load(segs_ptr + seg * 4 + 3)
+    first = tl.load(offsets_ptr + seg * 14 + module * 2 + KIND)  # [S, 7 modules, 2]
+    return row0, row_end, rank, page_off, first
 
 
 @triton.jit

@@ -18,6 +18,7 @@ from loraplane.engine.kernels.lora_meta import (
     segment_weights,
     tile_out,
     tile_rows,
+    tile_segment,
 )
 
 
@@ -100,12 +101,8 @@ def _shrink_kernel(x_ptr, out_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, p
     j = tl.program_id(1) // rank_blocks
     rank_block = tl.program_id(1) % rank_blocks
     module = (modules >> (4 * j)) & 15
-    seg = tl.load(tiles_ptr + tile * 2)
-    row0 = tl.load(tiles_ptr + tile * 2 + 1)
-    row_end = tl.load(segs_ptr + seg * 4 + 1)
-    rank = tl.load(segs_ptr + seg * 4 + 2)
-    page_off = tl.load(segs_ptr + seg * 4 + 3)
-    first = tl.load(offsets_ptr + seg * 14 + module * 2)
+    row0, row_end, rank, page_off, first = tile_segment(tiles_ptr, segs_ptr, offsets_ptr, tile,
+                                                        module, 0)
     if first < 0 or rank_block * BLOCK_R >= rank:
         return
     ranks = rank_block * BLOCK_R + tl.arange(0, BLOCK_R)
