@@ -30,6 +30,8 @@
 #   c6 (two H200): c3 without the TP check
 #   c8 (two H200): the rotary-store launch checked (TP graphs, fused logits, batch 1), 32-row
 #                  PEFT ratio, S2 0 / 1,000 and a profile of the 1,000-adapter run's early steps
+#   d7 (two H200): kernels checked after the b8f9a07 refactor, 32-row PEFT ratio, S4 TP 2
+#                  profiled on both ranks
 #   x4a (four H200): TP 4 graphs check, fused logits and batch 1, S4 at TP 1 / 2 / 4 (issue #6)
 #   x4b (four H200): S6 (llama-2-70b, rank 64) at TP 4, 0 / 10 / 100 adapters (issue #6)
 #   s6 (S6_TP H200, default two): the same at TP S6_TP
@@ -78,6 +80,30 @@ summary() {
     -e "^versions" -e "^machine" | tail -40
 }
 case $part in
+d7)  # two H200, ~9 min, session 7's first call: the compiled kernels after b8f9a07's refactor
+    # (TP graphs check on tiny-kv8, fused vs unfused logits and batch 1, the kernel bench), the
+    # 32-row PEFT ratio beside them; then S4 TP 2 with 100 adapters profiled on both ranks
+    # (steps 5-64: admissions and prefills), then the same run unprofiled
+  timeout 150 python3 bench/tp_graph_check.py --tp 2 --model random:tiny-kv8 --out "$out" 2>&1 \
+    | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout 150 python3 bench/fused_check.py --out "$out" 2>&1 | grep -v -i warn | tail -8
+   timeout 90 python3 bench/kernels/lora_bench.py --batch 16 64 --ranks 16 64 --out "$out" 2>&1 \
+     | grep -v -i warn | tail -9
+  ) > /tmp/gpu0.log 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   bench 200 --setting S2 --ranks 16 --num-adapters 32 --num-requests 32 --round-robin-adapters \
+     --input-range 256 256 --output-range 64 64 --max-num-seqs 32 --saturate --baseline peft
+  ) > /tmp/gpu1.log 2>&1 &
+  wait
+  summary
+  mkdir -p "$out/profiled"
+  bench 150 --setting S4 --num-adapters 100 --tensor-parallel-size 2 --saturate \
+    --num-requests 150 --sets-per-rank 4 --profile-steps 5 60 --out "$out/profiled" | tail -2
+  TPG_RUNS="2:100" bash "$0" tpg-runs "$out"
+  mkdir -p /tmp/logs && mv "$out"/*.log "$out"/profiled/*.log /tmp/logs/ 2>/dev/null
+  for f in "$out"/profiled/profile-*.txt; do echo "== $f"; head -30 "$f" | cut -c1-72,143-170,199-212; done
+  ls -R "$out" ;;
 tiers)
   for alpha in 1 0.3; do
     for pf in "" --no-prefetch; do

@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
             if args.profile_steps and (policy, cv) == runs[0]:
                 profile = StepProfile(args.out / f"profile-{args.setting}-n{args.num_adapters}-"
                                       f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M}.txt",
-                                      *args.profile_steps)
+                                      *args.profile_steps, engine)
             played = replay(engine, traces[cv], names, saturate=args.saturate, seed=args.seed,
                             profile=profile)
             compiled = new_variants(variants, compiled_variants())

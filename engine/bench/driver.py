@@ -13,6 +13,7 @@ from tqdm import tqdm
 from loraplane.engine.bench.adapters import WeightSets
 from loraplane.engine.bench.metrics import RequestRecord, decode_steps
 from loraplane.engine.bench.workload import Request, prompt_ids
+from loraplane.engine.distributed.engine import TensorParallelEngine
 from loraplane.engine.engine import LLMEngine
 from loraplane.engine.sampling_params import SamplingParams
 from loraplane.engine.sequence import Sequence
@@ -90,22 +91,42 @@ def warm_up(engine: LLMEngine, sets: WeightSets | None, seed: int) -> None:
     _sync(engine)
 
 
+def profile_tables(prof: torch.profiler.profile) -> str:
+    """A finished profile as two text tables: kernels by device time, host work by CPU time."""
+    avg = prof.key_averages()
+    device_key = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return "\n\n".join([avg.table(sort_by=device_key, row_limit=45, max_name_column_width=70),
+                        avg.table(sort_by="self_cpu_time_total", row_limit=30,
+                                  max_name_column_width=70)])
+
+
+def start_profiler() -> torch.profiler.profile:
+    """A running torch.profiler over the host and, where there is one, the GPU."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(activities=acts)
+    prof.__enter__()
+    return prof
+
+
 class StepProfile:
     """torch.profiler over steps [first, first + count) of a replay: where a step's time goes
-    (kernels by device time, host work by CPU time), written as text tables to `path`."""
+    (kernels by device time, host work by CPU time), written as text tables to `path`.
+    A tensor-parallel engine's workers profile the same steps into `path`'s name with
+    `-rankN` added (they run the same kernels, but their host work and waits differ)."""
 
-    def __init__(self, path: Path, first: int, count: int) -> None:
+    def __init__(self, path: Path, first: int, count: int, engine: LLMEngine | None = None) -> None:
         self.path, self.first, self.count = path, first, count
         self._prof: torch.profiler.profile | None = None
         self._steps: list[tuple[float, int, bool]] = []
+        self._workers = engine if isinstance(engine, TensorParallelEngine) else None
 
     def before(self, step: int) -> None:
         if step == self.first:
-            acts = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
-                acts.append(torch.profiler.ProfilerActivity.CUDA)
-            self._prof = torch.profiler.profile(activities=acts)
-            self._prof.__enter__()
+            if self._workers is not None:
+                self._workers.profile_workers(str(self.path))
+            self._prof = start_profiler()
 
     def after(self, step: int, record: tuple[float, int, bool]) -> None:
         if self._prof is None:
@@ -120,17 +141,14 @@ class StepProfile:
         if prof is None:
             return
         prof.__exit__(None, None, None)
-        avg = prof.key_averages()
+        if self._workers is not None:
+            self._workers.profile_workers(None)
         split = decode_steps(self._steps)  # the bench record's own split of step time
         head = (f"{len(self._steps)} steps from step {self.first}: {split.get('decode_steps', 0)} "
                 f"pure decode ({split.get('decode_steps_s', 0.0)} s, other steps "
                 f"{split.get('other_steps_s', '-')} s); rows {[n for _, n, _ in self._steps]}\n")
-        device_key = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
-        tables = [avg.table(sort_by=device_key, row_limit=45, max_name_column_width=70),
-                  avg.table(sort_by="self_cpu_time_total", row_limit=30,
-                            max_name_column_width=70)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(head + "\n\n".join(tables))
+        self.path.write_text(head + profile_tables(prof))
         log.warning("profile of %d steps -> %s", len(self._steps), self.path)
 
 

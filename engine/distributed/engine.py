@@ -105,6 +105,8 @@ class TensorParallelEngine(LLMEngine):
         # Bytes of those shards in pinned memory, kept within the host cache's size: page-locked
         # memory is taken from the OS, so shards beyond it stay pageable (one blocking copy).
         self._pinned_bytes = 0
+        # Workers, in benchmarks: where to write, and the running profiler (profile_workers).
+        self._profiler: tuple[Path, torch.profiler.profile] | None = None
         # Decode steps replay CUDA graphs on every rank: rank 0 plans a step's graph and sends
         # its key; each rank captures a graph the first time its key comes up, all ranks at the
         # same step, so their captures meet in the same collectives.
@@ -199,6 +201,12 @@ class TensorParallelEngine(LLMEngine):
             out.append(self._dropped.popleft())
         return out
 
+    def profile_workers(self, path: str | None) -> None:
+        """Benchmarks: start torch.profiler on every worker (path: where rank 0 writes its own;
+        worker N writes `path` with `-rankN` before the suffix), or stop and write (None)."""
+        protocol.send(self.tp.control, protocol.PROFILE, [],
+                      protocol.encode_text(path) if path is not None else [])
+
     def step(self) -> list[RequestOutput]:
         try:
             return super().step()
@@ -278,11 +286,33 @@ class TensorParallelEngine(LLMEngine):
             elif kind == protocol.REPORT:
                 rows = [[i, *self._row(a.pages)] for i, a in sorted(self._by_id.items())]
                 protocol.gather_rows(self.tp.control, self.tp.world, rows, 3)
+            elif kind == protocol.PROFILE:
+                self._profile(protocol.decode_text(payload, 1)[0] if payload else None)
             elif kind == protocol.SHUTDOWN:
                 log.info("rank 0 asked this worker to exit")
                 return
             else:
                 raise RuntimeError(f"unknown message kind {kind} from rank 0")
+
+    def _profile(self, path: str | None) -> None:
+        """Start profiling this worker's steps, or stop and write the tables next to rank 0's."""
+        from loraplane.engine.bench.driver import profile_tables, start_profiler  # benchmarks
+        if path is not None:
+            p = Path(path)
+            self._profiler = (p.with_name(f"{p.stem}-rank{self.tp.rank}{p.suffix}"),
+                              start_profiler())
+            return
+        if self._profiler is None:
+            return
+        out, prof = self._profiler
+        self._profiler = None
+        if self.tp.device.type == "cuda":
+            torch.cuda.synchronize(self.tp.device)
+        prof.__exit__(None, None, None)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(f"tensor-parallel rank {self.tp.rank}, the steps of rank 0's profile\n"
+                       + profile_tables(prof))
+        log.warning("profile of rank %d -> %s", self.tp.rank, out)
 
     def _register(self, adapter_id: int, name: str, path: str) -> str | None:
         """Read and shard the adapter; the error text when that fails."""

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from loraplane.engine.attention import SeqSlice
 
-STEP, REGISTER, REPORT, SHUTDOWN, CAPTURE = 1, 2, 3, 4, 5
+STEP, REGISTER, REPORT, SHUTDOWN, CAPTURE, PROFILE = 1, 2, 3, 4, 5, 6
 HEADER = 11
 ERROR_BYTES = 512  # one rank's error text in replies gathered after a command
 
