@@ -30,6 +30,8 @@
 #   c6 (two H200): c3 without the TP check
 #   c8 (two H200): the rotary-store launch checked (TP graphs, fused logits, batch 1), 32-row
 #                  PEFT ratio, S2 0 / 1,000 and a profile of the 1,000-adapter run's early steps
+#   hp (two H200): cProfile of rank 0's host thread, S4 TP 2 / TP 1 with 100 adapters, TP 1
+#                  without LoRA
 #   d7 (two H200): kernels checked after the b8f9a07 refactor, 32-row PEFT ratio, S4 TP 2
 #                  profiled on both ranks
 #   x4a (four H200): TP 4 graphs check, fused logits and batch 1, S4 at TP 1 / 2 / 4 (issue #6)
@@ -80,6 +82,22 @@ summary() {
     -e "^versions" -e "^machine" | tail -40
 }
 case $part in
+hp)  # two H200, ~5 min: where rank 0's host time goes (cProfile of steps 5-154): S4 TP 2 with
+    # 100 adapters; then S4 TP 1 with 100 adapters (GPU 0) beside S4 TP 1 without LoRA (GPU 1); the top of each profile
+  mkdir -p "$out/tp2" "$out/tp1" "$out/tp1n0"
+  bench 170 --setting S4 --num-adapters 100 --tensor-parallel-size 2 --saturate \
+    --num-requests 150 --sets-per-rank 4 --profile-steps 5 150 --profile-python \
+    --out "$out/tp2" | tail -1
+  (export CUDA_VISIBLE_DEVICES=0
+   bench 170 --setting S4 --num-adapters 100 --saturate --num-requests 150 --sets-per-rank 4 \
+     --profile-steps 5 150 --profile-python --out "$out/tp1") > /tmp/gpu0.log 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   bench 170 --setting S4 --num-adapters 0 --saturate --num-requests 150 \
+     --profile-steps 5 150 --profile-python --out "$out/tp1n0") > /tmp/gpu1.log 2>&1 &
+  wait
+  grep -h -e '^loraplane' /tmp/gpu0.log /tmp/gpu1.log
+  mkdir -p /tmp/logs && find "$out" -name '*.log' -exec mv {} /tmp/logs/ \;
+  for f in "$out"/*/profile-*.txt; do echo "== $f"; head -40 "$f" | cut -c1-150; done ;;
 d7)  # two H200, ~9 min, session 7's first call: the compiled kernels after b8f9a07's refactor
     # (TP graphs check on tiny-kv8, fused vs unfused logits and batch 1, the kernel bench), the
     # 32-row PEFT ratio beside them; then S4 TP 2 with 100 adapters profiled on both ranks

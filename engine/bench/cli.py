@@ -99,7 +99,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-steps", type=int, nargs=2, default=None, metavar=("FIRST", "N"),
                    help="run torch.profiler over steps FIRST..FIRST+N-1 of the first replay and "
                         "write kernel and host-time tables next to the JSON (those steps' "
-                        "timings then include the profiler's overhead)")
+                        "timings then include the profiler's overhead); with tensor "
+                        "parallelism each worker writes its own, named -rankN")
+    p.add_argument("--profile-python", action="store_true",
+                   help="with --profile-steps: profile those steps' Python functions on the "
+                        "engine's host thread (cProfile) instead of torch ops and kernels: where "
+                        "a host-bound step's time goes")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON folder")
     p.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"])
@@ -230,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
             if args.profile_steps and (policy, cv) == runs[0]:
                 profile = StepProfile(args.out / f"profile-{args.setting}-n{args.num_adapters}-"
                                       f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M}.txt",
-                                      *args.profile_steps, engine)
+                                      *args.profile_steps, engine, python=args.profile_python)
             played = replay(engine, traces[cv], names, saturate=args.saturate, seed=args.seed,
                             profile=profile)
             compiled = new_variants(variants, compiled_variants())

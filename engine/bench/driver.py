@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import cProfile
+import io
 import logging
+import pstats
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,16 +117,24 @@ class StepProfile:
     """torch.profiler over steps [first, first + count) of a replay: where a step's time goes
     (kernels by device time, host work by CPU time), written as text tables to `path`.
     A tensor-parallel engine's workers profile the same steps into `path`'s name with
-    `-rankN` added (they run the same kernels, but their host work and waits differ)."""
+    `-rankN` added (they run the same kernels, but their host work and waits differ).
+    python: cProfile (rank 0's host thread only) instead: the Python functions by cumulative
+    and own time."""
 
-    def __init__(self, path: Path, first: int, count: int, engine: LLMEngine | None = None) -> None:
+    def __init__(self, path: Path, first: int, count: int, engine: LLMEngine | None = None,
+                 python: bool = False) -> None:
         self.path, self.first, self.count = path, first, count
-        self._prof: torch.profiler.profile | None = None
+        self._prof: torch.profiler.profile | cProfile.Profile | None = None
+        self.python = python  # cProfile of the stepping thread's functions instead
         self._steps: list[tuple[float, int, bool]] = []
         self._workers = engine if isinstance(engine, TensorParallelEngine) else None
 
     def before(self, step: int) -> None:
         if step == self.first:
+            if self.python:
+                self._prof = cProfile.Profile()
+                self._prof.enable()
+                return
             if self._workers is not None:
                 self._workers.profile_workers(str(self.path))
             self._prof = start_profiler()
@@ -140,15 +151,23 @@ class StepProfile:
         prof, self._prof = self._prof, None
         if prof is None:
             return
-        prof.__exit__(None, None, None)
-        if self._workers is not None:
-            self._workers.profile_workers(None)
+        if isinstance(prof, cProfile.Profile):
+            prof.disable()
+            text = io.StringIO()
+            for key in ("cumulative", "tottime"):
+                pstats.Stats(prof, stream=text).sort_stats(key).print_stats(45)
+            tables = text.getvalue()
+        else:
+            prof.__exit__(None, None, None)
+            if self._workers is not None:
+                self._workers.profile_workers(None)
+            tables = profile_tables(prof)
         split = decode_steps(self._steps)  # the bench record's own split of step time
         head = (f"{len(self._steps)} steps from step {self.first}: {split.get('decode_steps', 0)} "
                 f"pure decode ({split.get('decode_steps_s', 0.0)} s, other steps "
                 f"{split.get('other_steps_s', '-')} s); rows {[n for _, n, _ in self._steps]}\n")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(head + profile_tables(prof))
+        self.path.write_text(head + tables)
         log.warning("profile of %d steps -> %s", len(self._steps), self.path)
 
 
