@@ -30,6 +30,7 @@
 #   c6 (two H200): c3 without the TP check
 #   c8 (two H200): the rotary-store launch checked (TP graphs, fused logits, batch 1), 32-row
 #                  PEFT ratio, S2 0 / 1,000 and a profile of the 1,000-adapter run's early steps
+#   adm (two H200): batched admissions: S4 TP 2 (100 / skip / none / admit 1), TP 1, S2 0 / 1,000
 #   hp (two H200): cProfile of rank 0's host thread, S4 TP 2 / TP 1 with 100 adapters, TP 1
 #                  without LoRA
 #   d7 (two H200): kernels checked after the b8f9a07 refactor, 32-row PEFT ratio, S4 TP 2
@@ -82,6 +83,27 @@ summary() {
     -e "^versions" -e "^machine" | tail -40
 }
 case $part in
+adm)  # two H200, ~8 min: admissions batched into nearly full graph batches (the default,
+     # --admission-batch 8): S4 TP 2 with 100 adapters, with the LoRA collectives skipped,
+     # without LoRA, and with --admission-batch 1 (every free slot filled at once, as before);
+     # then S4 TP 1 with 100 adapters and S2 without LoRA (GPU 0) beside S2 with 1,000 (GPU 1)
+  TPG_RUNS="2:100 2:100:skip 2:0" bash "$0" tpg-runs "$out"
+  TPG_RUNS="2:100" TPG_ARGS="--admission-batch 1" bash "$0" tpg-runs "$out"
+  (export CUDA_VISIBLE_DEVICES=0
+   TPG_RUNS="1:100" bash "$0" tpg-runs "$out"
+   bench 95 --setting S2 --num-adapters 0 --num-requests 200 --saturate) > /tmp/gpu0.log 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   bench 95 --setting S2 --num-adapters 1000 --num-requests 200 --saturate
+   bench 95 --setting S2 --num-adapters 1000 --num-requests 200 --saturate --admission-batch 1
+  ) > /tmp/gpu1.log 2>&1 &
+  wait
+  mkdir -p /tmp/logs && mv "$out"/*.log /tmp/logs/ 2>/dev/null
+  python3 -c 'import json, sys
+for f in sys.argv[1:]:
+    r = json.load(open(f))["results"]["loraplane"]
+    print(f.split("/")[-1][27:], *(f"{k}={r.get(k)}" for k in ("req_per_s",
+          "decode_step_ms_p50", "decode_steps_s", "other_steps_s", "steps_total")))' \
+    "$out"/bench-*.json ;;
 hp)  # two H200, ~5 min: where rank 0's host time goes (cProfile of steps 5-154): S4 TP 2 with
     # 100 adapters; then S4 TP 1 with 100 adapters (GPU 0) beside S4 TP 1 without LoRA (GPU 1); the top of each profile
   mkdir -p "$out/tp2" "$out/tp1" "$out/tp1n0"

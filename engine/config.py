@@ -167,6 +167,13 @@ class EngineConfig:
     # Admission rounds a request may be passed over before it goes first and nothing is admitted
     # behind it until it is: the bound that keeps skipping and reordering from starving it.
     max_passed_over: int = 32
+    # Only while decode steps replay CUDA graphs: a step that admits a request runs eagerly
+    # (tens of ms of host work on the H200 against ~16 ms for a replayed 13B decode step), so
+    # while the batch is nearly full new requests wait until `admission_batch` of them can join
+    # at once (at most max_num_seqs // 4; fewer when fewer wait), or until they were held
+    # `admission_hold_steps` decode steps. 1: admit whenever a slot is free.
+    admission_batch: int = 8
+    admission_hold_steps: int = 16
     # Bytes of host RAM for adapter weights in pool layout (pinned on CUDA), LRU.
     host_cache_bytes: int = 8 << 30
     # Bring the queue's next adapters and popular ones to host RAM and the GPU ahead of use.

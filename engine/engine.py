@@ -135,6 +135,7 @@ class LLMEngine:
                 parts.model, parts.config, self.pool, self.lora, self.max_model_len,
                 min(engine_config.max_graph_batch, engine_config.max_num_seqs),
                 engine_config.max_lora_rank)
+            self.scheduler.batch_admissions = engine_config.admission_batch > 1
         self.eos_ids = tuple(parts.tokenizer.eos_token_ids) or parts.config.eos_token_ids
         self._stats = EngineStats()
         self._finished = Counter[str]()

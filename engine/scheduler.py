@@ -55,6 +55,10 @@ class Scheduler:
         self.num_preemptions = 0
         # Waiting requests passed over max_passed_over times, in queue order: they go first.
         self._starving: list[Sequence] = []
+        # Set by the engine when pure decode steps replay CUDA graphs: admissions are then
+        # batched (EngineConfig.admission_batch), since each admitting step runs eagerly.
+        self.batch_admissions = False
+        self.held_steps = 0  # decode steps admission was held back while a slot was free
 
     def set_policy(self, policy: Policy) -> None:
         """Switch policies between workloads (its accounting starts empty, so must the engine)."""
@@ -89,12 +93,29 @@ class Scheduler:
                 i += 1
         now = self.clock()
         self._refuse(batch, now, estimate=False)
-        self._admit(batch, budget, now)
+        if self._hold(batch):
+            self.held_steps += 1
+        else:
+            self.held_steps = 0
+            self._admit(batch, budget, now)
         self._refuse(batch, now, estimate=True)
         self.policy.on_scheduled(batch.seqs, batch.num_new)
         self.adapters.prefetch(upcoming_adapters(self._candidates(), PREFETCH_LIMIT,
                                                 PREFETCH_SCAN))
         return batch
+
+    def _hold(self, batch: ScheduledBatch) -> bool:
+        """Keep waiting requests out of a nearly full decode batch for now (batch_admissions)?
+
+        Held only while every scheduled row decodes (a step that computes a prefill chunk runs
+        eagerly anyway), fewer than the admission batch's slots are free, and the queue's
+        requests have been held fewer than admission_hold_steps steps."""
+        cfg = self.config
+        free = cfg.max_num_seqs - len(self.running)
+        want = min(cfg.admission_batch, cfg.max_num_seqs // 4, len(self.waiting))
+        return (self.batch_admissions and 0 < free < want and bool(batch.seqs)
+                and self.held_steps < cfg.admission_hold_steps
+                and all(n == 1 for n in batch.num_new))
 
     def _refuse(self, batch: ScheduledBatch, now: float, estimate: bool) -> None:
         """Take the requests the policy refuses out of the queue (they hold no pages or pins)."""

@@ -136,11 +136,26 @@ def add_gpu_path_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fused-layers", action="store_true",
                    help="keep the unfused decoder layers on CUDA (separate q, k, v and gate, up "
                         "GEMMs, norms and residual adds)")
+    from loraplane.engine.config import EngineConfig
+    d = EngineConfig()
+    p.add_argument("--admission-batch", type=int, default=d.admission_batch, metavar="N",
+                   help="with CUDA graphs: while the running batch is nearly full, let new "
+                        "requests join N at a time (at most a quarter of --max-num-seqs), since "
+                        "a step that admits one runs without graphs; 1 admits at every free "
+                        f"slot (default {d.admission_batch})")
+    p.add_argument("--admission-hold-steps", type=int, default=d.admission_hold_steps,
+                   metavar="STEPS", help="most decode steps a request is held back by "
+                   f"--admission-batch while a slot is free (default {d.admission_hold_steps})")
 
 
 def gpu_path_config(args: argparse.Namespace) -> dict[str, Any]:
-    """EngineConfig fields of the CUDA fast-path switches."""
-    return {"cuda_graphs": not args.no_cuda_graphs, "fused_layers": not args.no_fused_layers}
+    """EngineConfig fields of the CUDA fast-path switches; a bad value exits with a message."""
+    if args.admission_batch < 1 or args.admission_hold_steps < 0:
+        raise SystemExit("--admission-batch must be at least 1 and --admission-hold-steps at "
+                         "least 0")
+    return {"cuda_graphs": not args.no_cuda_graphs, "fused_layers": not args.no_fused_layers,
+            "admission_batch": args.admission_batch,
+            "admission_hold_steps": args.admission_hold_steps}
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:

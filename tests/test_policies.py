@@ -389,6 +389,65 @@ def test_a_flooding_tenant_cannot_starve_a_light_one(policy: str) -> None:
     assert light.finish_reason == "length"
 
 
+def admissions_per_step(engine: LLMEngine, steps: int = 400) -> list[tuple[int, int, int]]:
+    """Step until idle; (requests admitted, slots free before, requests waiting before) of
+    each step that admitted some or held back with a free slot and requests waiting."""
+    sched = engine.scheduler
+    out = []
+    for _ in range(steps):
+        if not engine.has_work():
+            return out
+        waiting, free = len(sched.waiting), engine.engine_config.max_num_seqs - len(sched.running)
+        engine.step()
+        admitted = waiting - len(sched.waiting)
+        if admitted or (free and waiting):
+            out.append((admitted, free, waiting))
+    raise AssertionError("the engine did not finish")
+
+
+def staggered(engine: LLMEngine, running: int, waiting: int) -> None:
+    """`running` requests that finish one per step, then `waiting` long ones behind them."""
+    for i in range(running):
+        engine.add_request(f"r{i}", [5] * 4, params(max_tokens=2 + i))
+    engine.step()  # all admitted at once: the batch was empty
+    for i in range(waiting):
+        engine.add_request(f"w{i}", [5] * 4, params(max_tokens=40))
+
+
+def test_admissions_join_a_nearly_full_graph_batch_several_at_a_time() -> None:
+    """With decode graphs (batch_admissions), slots freed one per step are refilled four at a
+    time (a quarter of max_num_seqs), so one eager step admits them all."""
+    engine = engine_with(max_num_seqs=16, admission_batch=8, admission_hold_steps=100,
+                         scheduling_policy="fcfs")
+    engine.scheduler.batch_admissions = True
+    staggered(engine, running=16, waiting=12)
+    rounds = [a for a, _, _ in admissions_per_step(engine) if a]
+    assert sum(rounds) == 12
+    assert rounds == [4, 4, 4], rounds
+
+
+def test_admission_hold_is_bounded_and_off_without_graphs() -> None:
+    """A request is held at most admission_hold_steps decode steps while a slot is free; and
+    without decode graphs (CPU, or admission_batch 1) every free slot is filled at once."""
+    engine = engine_with(max_num_seqs=16, admission_hold_steps=2, scheduling_policy="fcfs")
+    engine.scheduler.batch_admissions = True
+    staggered(engine, running=16, waiting=12)
+    seen = admissions_per_step(engine)
+    held = 0
+    for admitted, _, _ in seen:
+        held = 0 if admitted else held + 1
+        assert held <= 2, seen
+    assert sum(a for a, _, _ in seen) == 12
+    cpu = engine_with(max_num_seqs=16, scheduling_policy="fcfs")
+    assert not cpu.scheduler.batch_admissions  # no decode graphs on the CPU
+    one = engine_with(max_num_seqs=16, admission_batch=1, scheduling_policy="fcfs")
+    one.scheduler.batch_admissions = True
+    for engine in (cpu, one):
+        staggered(engine, running=16, waiting=12)
+        seen = admissions_per_step(engine)
+        assert all(a == min(free, waiting) for a, free, waiting in seen), seen
+
+
 def test_prefetch_gets_the_queue_adapters_in_admission_order() -> None:
     engine = engine_with(adapters=4, pool_pages=512, scheduling_policy="cluster",
                          max_num_seqs=1)

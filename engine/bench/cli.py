@@ -313,6 +313,8 @@ def record_of(args: argparse.Namespace, cfg: EngineConfig, model_spec: str, dtyp
             "tensor_parallel_size": args.tensor_parallel_size,
             "cuda_graphs": not args.no_cuda_graphs,
             "fused_layers": not args.no_fused_layers,
+            "admission_batch": args.admission_batch,
+            "admission_hold_steps": args.admission_hold_steps,
             # Benchmarks of the TP LoRA collectives' cost only: outputs are wrong when set.
             "tp_skip_lora_collectives": args.tensor_parallel_size > 1
             and os.environ.get(SKIP_COLLECTIVES_ENV) == "1",

@@ -17,6 +17,7 @@ from loraplane.engine.bench.workload import SETTINGS
 from loraplane.engine.config import EngineConfig
 
 DEFAULT_POLICY = EngineConfig().scheduling_policy
+DEFAULT_ADMISSION = EngineConfig().admission_batch
 
 
 def _cpu_name() -> str:
@@ -111,6 +112,9 @@ def write(record: dict, out_dir: Path, path: Path | None = None) -> Path:
             + ("-peft" if c["baseline"] == "peft" else "")
             + (f"-tp{c['tensor_parallel_size']}" if c.get("tensor_parallel_size", 1) > 1 else "")
             + ("-eager" if c.get("cuda_graphs") is False and "cuda" in c["device"] else "")
+            # Records before the admission batch had none (they admitted at every free slot).
+            + (f"-admit{c['admission_batch']}" if c.get("admission_batch", DEFAULT_ADMISSION)
+               != DEFAULT_ADMISSION else "")
             + ("-skip-lora-collectives" if c.get("tp_skip_lora_collectives") else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{base}.json"
