@@ -30,6 +30,7 @@
 #   c6 (two H200): c3 without the TP check
 #   c8 (two H200): the rotary-store launch checked (TP graphs, fused logits, batch 1), 32-row
 #                  PEFT ratio, S2 0 / 1,000 and a profile of the 1,000-adapter run's early steps
+#   ovl (two H200): LoRA collectives overlapped with the base GEMMs: S4 / S6 TP 2
 #   adm (two H200): batched admissions: S4 TP 2 (100 / skip / none / admit 1), TP 1, S2 0 / 1,000
 #   hp (two H200): cProfile of rank 0's host thread, S4 TP 2 / TP 1 with 100 adapters, TP 1
 #                  without LoRA
@@ -83,6 +84,22 @@ summary() {
     -e "^versions" -e "^machine" | tail -40
 }
 case $part in
+ovl)  # two H200, ~8.5 min: the LoRA collectives started before the base GEMMs (async, on
+     # NCCL's stream): the TP graphs check (collectives captured async), S4 TP 2 with 100
+     # adapters with the overlap, without it, and with the collectives skipped; then S6 TP 2
+     # with 100 adapters and with its collectives skipped; a line per run
+  timeout 150 python3 bench/tp_graph_check.py --tp 2 --model random:tiny-kv8 --out "$out" 2>&1 \
+    | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
+  TPG_RUNS="2:100 2:100:nooverlap 2:100:skip" bash "$0" tpg-runs "$out"
+  TPG_SETTING=S6 TPG_LIMIT=110 TPG_REQUESTS=100 TPG_ARGS="--host-cache-memory 24" \
+    TPG_RUNS="2:100 2:100:skip" bash "$0" tpg-runs "$out"
+  mkdir -p /tmp/logs && mv "$out"/*.log /tmp/logs/ 2>/dev/null
+  python3 -c 'import json, sys
+for f in sys.argv[1:]:
+    r = json.load(open(f))["results"]["loraplane"]
+    print(f.split("/")[-1][27:], *(f"{k}={r.get(k)}" for k in ("req_per_s",
+          "decode_step_ms_p50", "decode_steps_s", "other_steps_s", "steps_total")))' \
+    "$out"/bench-*.json ;;
 adm)  # two H200, ~8 min: admissions batched into nearly full graph batches (the default,
      # --admission-batch 8): S4 TP 2 with 100 adapters, with the LoRA collectives skipped,
      # without LoRA, and with --admission-batch 1 (every free slot filled at once, as before);
@@ -166,10 +183,12 @@ tpg|tpg-runs)  # tpg-runs: the S4 runs alone
     | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
   # TPG_SETTING (default S4), TPG_REQUESTS, TPG_LIMIT (seconds a run) and TPG_ARGS (extra
   # bench arguments) serve the S6 runs too
-  for spec in ${TPG_RUNS:-1:100 2:100 2:0 2:100:skip}; do  # TP size:adapters[:skip]
+  # TP size:adapters[:skip|:nooverlap]
+  for spec in ${TPG_RUNS:-1:100 2:100 2:0 2:100:skip}; do
     IFS=: read -r -a f <<< "$spec"; set -- "${f[@]}"
     # shellcheck disable=SC2086  # TPG_ARGS is a list of words
     LORAPLANE_TP_SKIP_LORA_COLLECTIVES=$([ "$3" = skip ] && echo 1 || echo 0) \
+      LORAPLANE_TP_LORA_OVERLAP=$([ "$3" = nooverlap ] && echo 0 || echo 1) \
       bench "${TPG_LIMIT:-140}" --setting "${TPG_SETTING:-S4}" --num-adapters "$2" \
       --tensor-parallel-size "$1" --saturate --num-requests "${TPG_REQUESTS:-150}" \
       --sets-per-rank 4 \

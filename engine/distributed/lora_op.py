@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 # Benchmarks only: skip the LoRA op's own collectives (the outputs are then WRONG) to measure what
 # they cost, as S-LoRA's evaluation did; never set when serving.
 SKIP_COLLECTIVES_ENV = "LORAPLANE_TP_SKIP_LORA_COLLECTIVES"
+# Benchmarks only: "0" turns off the overlap of the LoRA collectives with the base GEMMs.
+OVERLAP_ENV = "LORAPLANE_TP_LORA_OVERLAP"
 # torch 2.13 renamed all_gather_into_tensor (older versions have only that name).
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
@@ -73,7 +75,8 @@ class ShardedStaticMeta:
 class TensorParallelLoraOp(LoraOp):
     """Column-parallel: shrink [T, r_pad/N], all-gather to [T, r_pad], expand into the local
     output shard. Row-parallel: shrink a partial [T, r_pad], all-reduce, expand into this rank's
-    columns of the partial output (which the base model's all-reduce then sums)."""
+    columns of the partial output (which the base model's all-reduce then sums). The shrink and
+    collective run before the base GEMM (`before`), which overlaps the collective."""
 
     block_m = 16
 
@@ -88,11 +91,13 @@ class TensorParallelLoraOp(LoraOp):
         if kernels is None:
             kernels = pool.data.device.type == "cuda" and kernels_fit(pool.layout.chunk)
         self.kernels = kernels
-        # (layer, module) -> (its input, its gathered shrink [T, R'·N]) computed with a sibling.
-        self._pending: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        # (layer, module) -> its shrink and collective, started by `before`.
+        self._pending: dict[tuple[int, str], _Started] = {}
         # The kernels read fixed-size metadata, so steps can be captured in CUDA graphs.
         self.graph_safe = self.kernels
         self.skip_collectives = os.environ.get(SKIP_COLLECTIVES_ENV) == "1"
+        # Benchmarks: "0" waits for each collective where it starts (no overlap with the GEMM).
+        self.overlap = os.environ.get(OVERLAP_ENV, "1") != "0"
         if self.skip_collectives:
             log.warning("%s=1: the LoRA op skips its collectives; outputs are wrong (a "
                         "benchmark of their cost only)", SKIP_COLLECTIVES_ENV)
@@ -141,45 +146,79 @@ class TensorParallelLoraOp(LoraOp):
         else:
             lora_expand_ref(s, y, pool_layer, meta, module, lay.chunk, lay.chunks_per_page)
 
+    def before(self, x: torch.Tensor, layer: int, module: str, batch: LoraBatch) -> None:
+        """Shrink and start the module's collective before its base GEMM, which then overlaps
+        the collective (async_op: NCCL runs it on its own stream; `apply` makes the compute
+        stream wait for it, the host never waits). Column-parallel siblings on the same input
+        (q, k, v or gate, up) are shrunk together and share one all-gather."""
+        meta = batch.kernel_meta
+        assert isinstance(meta, ShardedMeta)
+        started = self._pending.get((layer, module))
+        if started is not None and started.x is x:
+            return  # a sibling on this input started it
+        pool_layer = self.pool.data[layer]  # [num_pages, page_elems]
+        if module in ROW_PARALLEL:
+            s = self._shrink(x, pool_layer, meta.full, module)  # [T, R] partial sums
+            work = None if self.skip_collectives else dist.all_reduce(
+                s, group=self.group, async_op=self.overlap)
+            self._pending[(layer, module)] = _Started(x, s, work, (module,))
+            return
+        group = targeted_group(module, batch.modules)
+        # [T, k·R'], rank p's rows p, p+N, ... of each A: one fused shrink for the group.
+        local = self._shrink(x, pool_layer, meta.strided, group)
+        if self.skip_collectives:  # the same shape, one copy instead of a gather
+            out, work = local.repeat(self.world, 1), None
+        else:
+            out = local.new_empty(self.world * x.shape[0], local.shape[1])  # [N·T, k·R']
+            work = _all_gather(out, local, group=self.group, async_op=self.overlap)
+        started = _Started(x, out, work, group)
+        for m in group:
+            self._pending[(layer, m)] = started
+
     def apply(self, x: torch.Tensor, y: torch.Tensor, layer: int, module: str,
               batch: LoraBatch) -> None:
         meta = batch.kernel_meta
         assert isinstance(meta, ShardedMeta)
         if module not in batch.modules:
             return  # the same on every rank: no collective is skipped by one rank only
-        pool_layer = self.pool.data[layer]  # [num_pages, page_elems]
+        started = self._pending.pop((layer, module), None)
+        if started is None or started.x is not x:  # a caller that did not call before()
+            self.before(x, layer, module, batch)
+            started = self._pending.pop((layer, module))
+        pool_layer = self.pool.data[layer]
         if module in ROW_PARALLEL:
-            s = self._shrink(x, pool_layer, meta.full, module)  # [T, R] partial sums
-            if not self.skip_collectives:
-                dist.all_reduce(s, group=self.group)
             width = y.shape[1] // self.world
             cols = y[:, self.rank * width:(self.rank + 1) * width]  # [T, out/N] view
-            self._expand(s, cols, pool_layer, meta.full, module)
+            self._expand(started.result(), cols, pool_layer, meta.full, module)
             return
-        self._expand(self._gathered(x, pool_layer, meta, batch.modules, layer, module), y,
-                     pool_layer, meta.full, module)
+        full = started.gathered(self.world)  # [k, T, R'·N]
+        self._expand(full[started.group.index(module)], y, pool_layer, meta.full, module)
 
-    def _gathered(self, x: torch.Tensor, pool_layer: torch.Tensor, meta: ShardedMeta,
-                  modules: frozenset[str], layer: int, module: str) -> torch.Tensor:
-        """The full shrink [T, R'·N] of a column-parallel module. Its targeted siblings on the
-        same input (q, k, v or gate, up) are shrunk now too and share one all-gather."""
-        hit = self._pending.pop((layer, module), None)
-        if hit is not None and hit[0] is x:
-            return hit[1]
-        group = targeted_group(module, modules)
-        # [T, k·R'], rank p's rows p, p+N, ... of each A: one fused shrink for the group.
-        local = self._shrink(x, pool_layer, meta.strided, group)
-        t, r = x.shape[0], local.shape[1] // len(group)
-        if self.skip_collectives:  # the same shape, one copy instead of a gather
-            out = local.repeat(self.world, 1)
-        else:
-            out = local.new_empty(self.world * t, local.shape[1])
-            _all_gather(out, local, group=self.group)  # [N·T, k·R']
-        # [N, T, k, R'] -> [k, T, R', N] -> [k, T, R'·N]: column j·N + p is x · A_pad[j·N + p]
-        # for every row whatever its adapter's rank (a shard's columns past it are zero).
-        full = out.view(self.world, t, len(group), r).permute(2, 1, 3, 0).reshape(
-            len(group), t, r * self.world)
-        for m, s in zip(group, full, strict=True):
-            if m != module:
-                self._pending[(layer, m)] = (x, s)
-        return full[group.index(module)]
+
+@dataclass
+class _Started:
+    """A module's shrink and its collective, started by `before`; one object serves all the
+    column-parallel siblings that share the all-gather."""
+
+    x: torch.Tensor  # the input it was computed from
+    buf: torch.Tensor  # row-parallel: [T, R] being all-reduced; column: [N·T, k·R'] gathered
+    work: dist.Work | None  # the collective still to wait for (None: done, or skipped)
+    group: tuple[str, ...]
+    _full: torch.Tensor | None = None
+
+    def result(self) -> torch.Tensor:
+        """buf, once the collective has finished (the compute stream waits, not the host)."""
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.buf
+
+    def gathered(self, world: int) -> torch.Tensor:
+        """The column-parallel group's full shrink [k, T, R'·N] (computed once)."""
+        if self._full is None:
+            out, k = self.result(), len(self.group)
+            t, r = self.x.shape[0], out.shape[1] // k
+            # [N, T, k, R'] -> [k, T, R', N] -> [k, T, R'·N]: column j·N + p is x · A_pad[j·N + p]
+            # for every row whatever its adapter's rank (a shard's columns past it are zero).
+            self._full = out.view(world, t, k, r).permute(2, 1, 3, 0).reshape(k, t, r * world)
+        return self._full

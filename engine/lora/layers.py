@@ -36,10 +36,13 @@ class LoraLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         batch = self.state.batch
-        if batch.segments and self.module in batch.modules:
-            self.state.op.apply(x, y, self.layer, self.module, batch)
+        if not (batch.segments and self.module in batch.modules):
+            return self.base(x)
+        op = self.state.op
+        op.before(x, self.layer, self.module, batch)  # what may overlap the base GEMM
+        y = self.base(x)
+        op.apply(x, y, self.layer, self.module, batch)
         return y
 
 

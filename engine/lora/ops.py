@@ -57,6 +57,12 @@ class LoraOp(ABC):
         use; returns how many launches that took (none here)."""
         return 0
 
+    def before(self, x: torch.Tensor, layer: int, module: str, batch: LoraBatch) -> None:
+        """Called with the projection's input before its base GEMM runs (then `apply` after
+        it): an op may start work that the GEMM can overlap (the tensor-parallel op's
+        collectives). Nothing by default."""
+        return None
+
     @abstractmethod
     def apply(self, x: torch.Tensor, y: torch.Tensor, layer: int, module: str,
               batch: LoraBatch) -> None:
