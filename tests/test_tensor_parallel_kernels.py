@@ -22,9 +22,14 @@ TINY = NAMED_SHAPES["tiny"]
 CFG = EngineConfig(pool_bytes=4 << 20, max_num_batched_tokens=48, max_num_seqs=16)
 
 
-def test_tp2_with_triton_kernels_equals_tp1(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlap", ["0", "1"])
+def test_tp2_with_triton_kernels_equals_tp1(tmp_path: Path, overlap: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Shrink with split-K at ranks r_pad/N, expand into a column slice of the partial output:
-    the kernels the GPU runs, here in the interpreter, which the workers inherit."""
+    the kernels the GPU runs, here in the interpreter, which the workers inherit; with the
+    LoRA collectives waited for where they start, and started asynchronously before the base
+    GEMM and waited for in `apply` (overlap: the workers inherit the environment)."""
+    monkeypatch.setenv("LORAPLANE_TP_LORA_OVERLAP", overlap)
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest without a GPU)")

@@ -25,7 +25,7 @@ from loraplane.cli import (
 )
 from loraplane.engine.bench.workload import SETTINGS, WorkloadSpec, adapter_ranks, make_trace
 from loraplane.engine.config import LORA_MODULES, EngineConfig
-from loraplane.engine.distributed.lora_op import OVERLAP_ENV, SKIP_COLLECTIVES_ENV
+from loraplane.engine.distributed.lora_op import SKIP_COLLECTIVES_ENV, overlap_collectives
 from loraplane.engine.kernels.common import compiled_variants, new_variants
 
 if TYPE_CHECKING:
@@ -318,9 +318,8 @@ def record_of(args: argparse.Namespace, cfg: EngineConfig, model_spec: str, dtyp
             # Benchmarks of the TP LoRA collectives' cost only: outputs are wrong when set.
             "tp_skip_lora_collectives": args.tensor_parallel_size > 1
             and os.environ.get(SKIP_COLLECTIVES_ENV) == "1",
-            # Benchmarks: the LoRA collectives overlapped with the base GEMMs (the default).
-            "tp_lora_overlap": args.tensor_parallel_size > 1
-            and os.environ.get(OVERLAP_ENV, "1") != "0",
+            # The TP LoRA collectives overlapped with the base GEMMs (OVERLAP_ENV).
+            "tp_lora_overlap": args.tensor_parallel_size > 1 and overlap_collectives(),
             "dtype": str(dtype).removeprefix(
                 "torch."), "device": str(device), "ranks": list(ranks),
             "modules": list(args.modules), "num_adapters": args.num_adapters,

@@ -116,8 +116,7 @@ def write(record: dict, out_dir: Path, path: Path | None = None) -> Path:
             + (f"-admit{c['admission_batch']}" if c.get("admission_batch", DEFAULT_ADMISSION)
                != DEFAULT_ADMISSION else "")
             + ("-skip-lora-collectives" if c.get("tp_skip_lora_collectives") else "")
-            + ("-no-overlap" if c.get("tp_lora_overlap") is False
-               and c.get("tensor_parallel_size", 1) > 1 else ""))
+            + ("-overlap" if c.get("tp_lora_overlap") else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{base}.json"
     k = 2

@@ -33,8 +33,15 @@ log = logging.getLogger(__name__)
 # Benchmarks only: skip the LoRA op's own collectives (the outputs are then WRONG) to measure what
 # they cost, as S-LoRA's evaluation did; never set when serving.
 SKIP_COLLECTIVES_ENV = "LORAPLANE_TP_SKIP_LORA_COLLECTIVES"
-# Benchmarks only: "0" turns off the overlap of the LoRA collectives with the base GEMMs.
+# "1": start each LoRA collective before the base GEMM, asynchronously, so the GEMM overlaps it;
+# "0": wait for it where it starts. Off by default until it has run on the GPU: collectives
+# started asynchronously inside a decode graph's capture were checked on the CPU only.
 OVERLAP_ENV = "LORAPLANE_TP_LORA_OVERLAP"
+
+
+def overlap_collectives() -> bool:
+    """Whether the TP LoRA op overlaps its collectives with the base GEMMs (OVERLAP_ENV)."""
+    return os.environ.get(OVERLAP_ENV, "0") == "1"
 # torch 2.13 renamed all_gather_into_tensor (older versions have only that name).
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
@@ -96,8 +103,7 @@ class TensorParallelLoraOp(LoraOp):
         # The kernels read fixed-size metadata, so steps can be captured in CUDA graphs.
         self.graph_safe = self.kernels
         self.skip_collectives = os.environ.get(SKIP_COLLECTIVES_ENV) == "1"
-        # Benchmarks: "0" waits for each collective where it starts (no overlap with the GEMM).
-        self.overlap = os.environ.get(OVERLAP_ENV, "1") != "0"
+        self.overlap = overlap_collectives()
         if self.skip_collectives:
             log.warning("%s=1: the LoRA op skips its collectives; outputs are wrong (a "
                         "benchmark of their cost only)", SKIP_COLLECTIVES_ENV)
