@@ -16,9 +16,14 @@ from torch import nn  # noqa: E402
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
+import loraplane.engine.distributed.lora_op as lora_op_module  # noqa: E402
 from loraplane.engine.adapters import LoraWeights, random_lora_weights  # noqa: E402
 from loraplane.engine.attention import SeqSlice, TorchAttention, store_kv  # noqa: E402
 from loraplane.engine.config import LORA_MODULES, NAMED_SHAPES, EngineConfig  # noqa: E402
+from loraplane.engine.distributed.lora_op import (  # noqa: E402
+    SKIP_COLLECTIVES_ENV,
+    TensorParallelLoraOp,
+)
 from loraplane.engine.distributed.sharding import slice_linear  # noqa: E402
 from loraplane.engine.engine import EngineParts, LLMEngine  # noqa: E402
 from loraplane.engine.kernels.rms_norm import add_rms_norm  # noqa: E402
@@ -246,6 +251,32 @@ def test_fused_model_with_adapters_matches_unfused(op: type) -> None:
     # Adapters must matter far beyond the tolerance, or the comparison proves nothing.
     _, base = _generate(copy.deepcopy(model), op, [None] * 4)
     assert (base[0][1:] - want[0][1:]).abs().max() > 0.1
+
+
+def test_tensor_parallel_op_expands_a_fused_group_in_one_launch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TP LoRA op on fused layers holds q, k (gate) until v (up) arrives, then expands the
+    group into the fused product in one launch. At world size 1 with its collectives skipped
+    (the gather of one rank is the identity) it must equal the one-GPU op."""
+    monkeypatch.setenv(SKIP_COLLECTIVES_ENV, "1")
+    launches: list[int] = []
+    real = lora_op_module.lora_expand
+
+    def counting(s, y, *args, **kwargs):  # type: ignore[no-untyped-def]
+        launches.append(1 if isinstance(y, torch.Tensor) else len(y))
+        return real(s, y, *args, **kwargs)
+    monkeypatch.setattr(lora_op_module, "lora_expand", counting)
+
+    def tp_op(pool: DevicePool) -> TensorParallelLoraOp:
+        return TensorParallelLoraOp(pool, 0, 1, None, kernels=True)
+    model = build_model(TINY, None, 256, torch.float32, torch.device("cpu"), seed=6)
+    names: list[str | None] = [None, "r2", "r5", "r16"]
+    want_ids, want = _generate(_fused_copy(model), TritonLoraOp, names)
+    got_ids, got = _generate(_fused_copy(model), tp_op, names)  # type: ignore[arg-type]
+    assert got_ids == want_ids
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    assert 3 in launches and 2 in launches  # q,k,v and gate,up groups in one launch each
 
 
 def test_fusion_works_on_a_tensor_parallel_shard() -> None:

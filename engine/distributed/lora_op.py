@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from loraplane.engine.config import ModelConfig
 from loraplane.engine.distributed.sharding import ROW_PARALLEL, padded_rank
-from loraplane.engine.kernels.lora_expand import lora_expand, lora_expand_ref
+from loraplane.engine.kernels.lora_expand import column_offsets, lora_expand, lora_expand_ref
 from loraplane.engine.kernels.lora_meta import (
     LoraKernelMeta,
     StaticMeta,
@@ -125,6 +125,12 @@ class TensorParallelLoraOp(LoraOp):
         return compile_lora_kernels(self.pool, config, self.block_m) if self.kernels else 0
 
     def prepare(self, segments: list[LoraSegment]) -> LoraBatch:
+        held = sorted({m for st in self._pending.values() for m in st.held})
+        if held:  # a forward stopped inside a fused group: its members' terms were never added
+            msg = f"LoRA terms of {held} were held for siblings that never ran"
+            if segments:
+                raise RuntimeError(msg)
+            log.error("%s (the forward that held them did not finish)", msg)
         self._pending.clear()
         if not segments:
             return LoraBatch([])
@@ -197,8 +203,32 @@ class TensorParallelLoraOp(LoraOp):
             cols = y[:, self.rank * width:(self.rank + 1) * width]  # [T, out/N] view
             self._expand(started.result(), cols, pool_layer, meta.full, module)
             return
-        full = started.gathered(self.world)  # [k, T, R'·N]
-        self._expand(full[started.group.index(module)], y, pool_layer, meta.full, module)
+        full = started.gathered(self.world)  # [T, k·R'·N], member j at columns j·R'·N
+        group = started.group
+        # Fused layers: the group's outputs are column blocks of one product; the last member
+        # to arrive expands them all in one launch (the model computes q, k, v before any use).
+        if self.kernels and len(group) > 1 and y.stride(0) > y.shape[1]:
+            started.held[module] = y
+            if len(started.held) < len(group):
+                return
+            ys = [started.held.pop(m) for m in group]
+            offsets = column_offsets(ys)
+            if offsets is not None:
+                lay = self.pool.layout
+                lora_expand(full, ys, pool_layer, meta.full, list(group), lay.chunk,
+                            lay.chunks_per_page, self.block_m, offsets=offsets)
+                return
+            for m, ym in zip(group, ys, strict=True):
+                self._expand(member_block(full, group, m), ym, pool_layer, meta.full, m)
+            return
+        self._expand(member_block(full, group, module), y, pool_layer, meta.full, module)
+
+
+def member_block(s: torch.Tensor, group: tuple[str, ...], module: str) -> torch.Tensor:
+    """Module's columns of a group's shrink laid out member after member: [T, width]."""
+    width = s.shape[1] // len(group)
+    j = group.index(module)
+    return s[:, j * width:(j + 1) * width]
 
 
 @dataclass
@@ -210,6 +240,8 @@ class _Started:
     buf: torch.Tensor  # row-parallel: [T, R] being all-reduced; column: [N·T, k·R'] gathered
     work: dist.Work | None  # the collective still to wait for (None: done, or skipped)
     group: tuple[str, ...]
+    # Fused layers: the outputs of the members applied so far, expanded with the last one.
+    held: dict[str, torch.Tensor] = field(default_factory=dict)
     _full: torch.Tensor | None = None
 
     def result(self) -> torch.Tensor:
@@ -220,11 +252,13 @@ class _Started:
         return self.buf
 
     def gathered(self, world: int) -> torch.Tensor:
-        """The column-parallel group's full shrink [k, T, R'·N] (computed once)."""
+        """The column-parallel group's full shrink [T, k·R'·N] (computed once), member j's
+        block at columns j·R'·N.., as a fused shrink lays out a group's (group expand)."""
         if self._full is None:
             out, k = self.result(), len(self.group)
             t, r = self.x.shape[0], out.shape[1] // k
-            # [N, T, k, R'] -> [k, T, R', N] -> [k, T, R'·N]: column j·N + p is x · A_pad[j·N + p]
-            # for every row whatever its adapter's rank (a shard's columns past it are zero).
-            self._full = out.view(world, t, k, r).permute(2, 1, 3, 0).reshape(k, t, r * world)
+            # [N, T, k, R'] -> [T, k, R', N] -> [T, k·R'·N]: member j's column i·N + p is
+            # x · A_pad[i·N + p] for every row whatever its adapter's rank (a shard's columns
+            # past it are zero).
+            self._full = out.view(world, t, k, r).permute(1, 2, 3, 0).reshape(t, k * r * world)
         return self._full
