@@ -30,6 +30,7 @@
 #   c6 (two H200): c3 without the TP check
 #   c8 (two H200): the rotary-store launch checked (TP graphs, fused logits, batch 1), 32-row
 #                  PEFT ratio, S2 0 / 1,000 and a profile of the 1,000-adapter run's early steps
+#   w1 (one H200): the TP engine at world size 1 against one GPU, without and with the overlap
 #   ovl (two H200): LoRA collectives overlapped with the base GEMMs: S4 / S6 TP 2
 #   adm (two H200): batched admissions: S4 TP 2 (100 / skip / none / admit 1), TP 1, S2 0 / 1,000
 #   hp (two H200): cProfile of rank 0's host thread, S4 TP 2 / TP 1 with 100 adapters, TP 1
@@ -84,6 +85,14 @@ summary() {
     -e "^versions" -e "^machine" | tail -40
 }
 case $part in
+w1)  # one H200, ~3 min: the TP engine at world size 1 (NCCL collectives of one rank) against the
+    # one-GPU engine, eager and with graphs: the TP LoRA op's group expand on fused layers, then
+    # the same with its collectives started asynchronously (LORAPLANE_TP_LORA_OVERLAP=1)
+  for ov in 0 1; do
+    LORAPLANE_TP_LORA_OVERLAP=$ov timeout 150 python3 bench/tp_graph_check.py --tp 1 \
+      --model random:tiny-kv8 --out "$out/overlap$ov" 2>&1 \
+      | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
+  done ;;
 ovl)  # two H200, ~8.5 min: the LoRA collectives started before the base GEMMs (async, on
      # NCCL's stream): the TP graphs check (collectives captured async), S4 TP 2 with 100
      # adapters with the overlap, without it, and with the collectives skipped; then S6 TP 2

@@ -7,6 +7,10 @@ run and exits 1 if the TP runs differ from it by more than `--tolerance` of the 
 by default, so differences come from summation order only).
 
     python bench/tp_graph_check.py --tp 2 --out bench/results
+
+`--tp 1` (one GPU) runs the tensor-parallel engine itself at world size 1 instead: a process
+group of one rank with the real NCCL collectives of the TP LoRA op (all-gather, all-reduce),
+captured in its decode graphs: the TP code path on a machine with one GPU.
 """
 
 from __future__ import annotations
@@ -25,18 +29,31 @@ import torch
 from loraplane.engine.adapters import write_random_adapter
 from loraplane.engine.bench import report
 from loraplane.engine.config import LORA_MODULES, NAMED_SHAPES, EngineConfig
-from loraplane.engine.distributed.engine import build_engine, close_engine
+from loraplane.engine.distributed.engine import (
+    TensorParallelEngine,
+    TPOptions,
+    build_engine,
+    build_rank,
+    close_engine,
+)
+from loraplane.engine.distributed.group import free_port
+from loraplane.engine.engine import LLMEngine
 from loraplane.engine.sampling_params import SamplingParams
 
 RANKS = (4, 8, 16, 32)
 
 
 def run(tp: int, graphs: bool, model: str, dtype: str, folders: list[Path],
-        prompts: list[list[int]], names: list[str | None], max_tokens: int) -> list[list[int]]:
+        prompts: list[list[int]], names: list[str | None], max_tokens: int,
+        tp_engine: bool = False) -> list[list[int]]:
     cfg = replace(EngineConfig(pool_bytes=2 << 30, max_num_seqs=64, max_lora_rank=max(RANKS)),
                   cuda_graphs=graphs)
-    engine = build_engine(model, tensor_parallel_size=tp, device="cuda", dtype=dtype,
-                          engine_config=cfg, exit_on_failure=True)
+    if tp_engine:  # the TP engine at world size 1 (--tp 1)
+        opts = TPOptions(model, 1, "cuda", dtype, None, cfg, logging.INFO)
+        engine: LLMEngine = build_rank(opts, 0, free_port())
+    else:
+        engine = build_engine(model, tensor_parallel_size=tp, device="cuda", dtype=dtype,
+                              engine_config=cfg, exit_on_failure=True)
     try:
         for folder in folders:
             engine.load_adapter(folder.name, str(folder))
@@ -53,7 +70,10 @@ def run(tp: int, graphs: bool, model: str, dtype: str, folders: list[Path],
         print(f"tp={tp} graphs={graphs}: {graphs_used} graphs captured", flush=True)
         return out
     finally:
-        close_engine(engine)
+        if isinstance(engine, TensorParallelEngine):
+            engine.close()  # also a world-1 engine: leaves its process group
+        else:
+            close_engine(engine)
 
 
 def main() -> int:
@@ -85,15 +105,17 @@ def main() -> int:
             folders.append(folder)
         names: list[str | None] = [None if i % 5 == 4 else folders[i % len(folders)].name
                                    for i in range(len(prompts))]
-        runs = {(tp, g): run(tp, g, args.model, args.dtype, folders, prompts, names,
-                             args.max_tokens)
-                for tp, g in ((1, True), (args.tp, False), (args.tp, True))}
-    base = [t for row in runs[(1, True)] for t in row]
+        runs = {(tp, g, tp_run): run(tp, g, args.model, args.dtype, folders, prompts, names,
+                                     args.max_tokens, tp_engine=args.tp == 1 and tp_run)
+                for tp, g, tp_run in ((1, True, False), (args.tp, False, True),
+                                      (args.tp, True, True))}
+    base = [t for row in runs[(1, True, False)] for t in row]
     rows, failed = [], False
-    for (tp, g), out in runs.items():
+    for (tp, g, tp_run), out in runs.items():
         flat = [t for row in out for t in row]
         same = sum(a == b for a, b in zip(base, flat, strict=True)) / len(base)
-        rows.append({"tp": tp, "cuda_graphs": g, "tokens_equal_to_tp1": round(same, 4)})
+        rows.append({"tp": tp, "cuda_graphs": g, "tp_engine": tp_run,
+                     "tokens_equal_to_tp1": round(same, 4)})
         failed |= same < 1 - args.tolerance
     print(f"{'tp':>3} {'graphs':>6} {'tokens = TP1':>13}")
     for r in rows:
