@@ -100,9 +100,9 @@ ovl)  # two H200, ~5.5 min (~8.5 with OVL_S6=1): the LoRA collectives started be
   LORAPLANE_TP_LORA_OVERLAP=1 timeout 150 python3 bench/tp_graph_check.py --tp 2 \
     --model random:tiny-kv8 --out "$out/overlap" 2>&1 | grep -e "^ *[0-9]" -e tp= -e Error \
     -e error | tail -8
-  TPG_RUNS="2:100:overlap 2:100 2:100:skip" bash "$0" tpg-runs "$out"
+  TPG_RUNS="2:100 2:100:nooverlap 2:100:skip" bash "$0" tpg-runs "$out"
   [ -n "${OVL_S6:-}" ] && TPG_SETTING=S6 TPG_LIMIT=110 TPG_REQUESTS=100 \
-    TPG_ARGS="--host-cache-memory 24" TPG_RUNS="2:100:overlap 2:100:skip" bash "$0" tpg-runs "$out"
+    TPG_ARGS="--host-cache-memory 24" TPG_RUNS="2:100 2:100:skip" bash "$0" tpg-runs "$out"
   mkdir -p /tmp/logs && mv "$out"/*.log /tmp/logs/ 2>/dev/null
   python3 -c 'import json, sys
 for f in sys.argv[1:]:
@@ -193,12 +193,12 @@ tpg|tpg-runs)  # tpg-runs: the S4 runs alone
     | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
   # TPG_SETTING (default S4), TPG_REQUESTS, TPG_LIMIT (seconds a run) and TPG_ARGS (extra
   # bench arguments) serve the S6 runs too
-  # TP size:adapters[:skip|:overlap]
+  # TP size:adapters[:skip|:nooverlap]
   for spec in ${TPG_RUNS:-1:100 2:100 2:0 2:100:skip}; do
     IFS=: read -r -a f <<< "$spec"; set -- "${f[@]}"
     # shellcheck disable=SC2086  # TPG_ARGS is a list of words
     LORAPLANE_TP_SKIP_LORA_COLLECTIVES=$([ "$3" = skip ] && echo 1 || echo 0) \
-      LORAPLANE_TP_LORA_OVERLAP=$([ "$3" = overlap ] && echo 1 || echo 0) \
+      LORAPLANE_TP_LORA_OVERLAP=$([ "$3" = nooverlap ] && echo 0 || echo 1) \
       bench "${TPG_LIMIT:-140}" --setting "${TPG_SETTING:-S4}" --num-adapters "$2" \
       --tensor-parallel-size "$1" --saturate --num-requests "${TPG_REQUESTS:-150}" \
       --sets-per-rank 4 \

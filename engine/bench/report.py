@@ -116,7 +116,9 @@ def write(record: dict, out_dir: Path, path: Path | None = None) -> Path:
             + (f"-admit{c['admission_batch']}" if c.get("admission_batch", DEFAULT_ADMISSION)
                != DEFAULT_ADMISSION else "")
             + ("-skip-lora-collectives" if c.get("tp_skip_lora_collectives") else "")
-            + ("-overlap" if c.get("tp_lora_overlap") else ""))
+            # Overlapped LoRA collectives are the default since 2026-12-01 01:10 UTC.
+            + ("-no-overlap" if c.get("tp_lora_overlap") is False
+               and c.get("tensor_parallel_size", 1) > 1 else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{base}.json"
     k = 2
