@@ -30,6 +30,7 @@
 #   c6 (two H200): c3 without the TP check
 #   c8 (two H200): the rotary-store launch checked (TP graphs, fused logits, batch 1), 32-row
 #                  PEFT ratio, S2 0 / 1,000 and a profile of the 1,000-adapter run's early steps
+#   r25 (two H200): S2 5 vs 2,000 adapters side by side
 #   w1 (one H200): the TP engine at world size 1 against one GPU, without and with the overlap
 #   ovl (two H200): LoRA collectives overlapped with the base GEMMs: S4 / S6 TP 2
 #   adm (two H200): batched admissions: S4 TP 2 (100 / skip / none / admit 1), TP 1, S2 0 / 1,000
@@ -85,6 +86,14 @@ summary() {
     -e "^versions" -e "^machine" | tail -40
 }
 case $part in
+r25)  # two H200, ~1.5 min: #3's 2,000 vs 5 adapters ratio with batched admissions (S2, 200
+     # requests queued at once; 5 adapters on GPU 0 beside 2,000 on GPU 1)
+  (export CUDA_VISIBLE_DEVICES=0
+   bench 95 --setting S2 --num-adapters 5 --num-requests 200 --saturate) > /tmp/gpu0.log 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   bench 95 --setting S2 --num-adapters 2000 --num-requests 200 --saturate) > /tmp/gpu1.log 2>&1 &
+  wait
+  grep -h -e '^loraplane' -e '^->' /tmp/gpu0.log /tmp/gpu1.log; rm -f "$out"/*.log ;;
 w1)  # one H200, ~3 min: the TP engine at world size 1 (NCCL collectives of one rank) against the
     # one-GPU engine, eager and with graphs: the TP LoRA op's group expand on fused layers, then
     # the same with its collectives started asynchronously (LORAPLANE_TP_LORA_OVERLAP=1)
