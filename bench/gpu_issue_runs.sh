@@ -80,6 +80,14 @@ tp_table() {  # setting, out dir
   tar czf "$2/runs-$1.tgz" -C "$2" $(cd "$2" && ls bench-*.json) && rm "$2"/bench-*.json
   mkdir -p /tmp/logs && mv "$2"/*.log /tmp/logs/ 2>/dev/null; ls "$2"
 }
+# One line per bench JSON: its name after the date and machine, throughput and step times.
+run_lines() {
+  python3 -c 'import json, sys
+for f in sys.argv[1:]:
+    r = json.load(open(f))["results"]["loraplane"]
+    print(f.split("/")[-1][27:], *(f"{k}={r.get(k)}" for k in ("req_per_s",
+          "decode_step_ms_p50", "decode_steps_s", "other_steps_s", "steps_total")))' "$@"
+}
 # The two GPUs' logs without their headers: the last lines of each run.
 summary() {
   grep -h -v -e '^ *$' /tmp/gpu0.log /tmp/gpu1.log | grep -v -e "^date" -e "^engine:" \
@@ -113,12 +121,7 @@ ovl)  # two H200, ~5.5 min (~8.5 with OVL_S6=1): the LoRA collectives started be
   [ -n "${OVL_S6:-}" ] && TPG_SETTING=S6 TPG_LIMIT=110 TPG_REQUESTS=100 \
     TPG_ARGS="--host-cache-memory 24" TPG_RUNS="2:100 2:100:skip" bash "$0" tpg-runs "$out"
   mkdir -p /tmp/logs && mv "$out"/*.log /tmp/logs/ 2>/dev/null
-  python3 -c 'import json, sys
-for f in sys.argv[1:]:
-    r = json.load(open(f))["results"]["loraplane"]
-    print(f.split("/")[-1][27:], *(f"{k}={r.get(k)}" for k in ("req_per_s",
-          "decode_step_ms_p50", "decode_steps_s", "other_steps_s", "steps_total")))' \
-    "$out"/bench-*.json ;;
+  run_lines "$out"/bench-*.json ;;
 adm)  # two H200, ~8 min: admissions batched into nearly full graph batches (the default,
      # --admission-batch 8): S4 TP 2 with 100 adapters, with the LoRA collectives skipped,
      # without LoRA, and with --admission-batch 1 (every free slot filled at once, as before);
@@ -134,12 +137,7 @@ adm)  # two H200, ~8 min: admissions batched into nearly full graph batches (the
   ) > /tmp/gpu1.log 2>&1 &
   wait
   mkdir -p /tmp/logs && mv "$out"/*.log /tmp/logs/ 2>/dev/null
-  python3 -c 'import json, sys
-for f in sys.argv[1:]:
-    r = json.load(open(f))["results"]["loraplane"]
-    print(f.split("/")[-1][27:], *(f"{k}={r.get(k)}" for k in ("req_per_s",
-          "decode_step_ms_p50", "decode_steps_s", "other_steps_s", "steps_total")))' \
-    "$out"/bench-*.json ;;
+  run_lines "$out"/bench-*.json ;;
 hp)  # two H200, ~5 min: where rank 0's host time goes (cProfile of steps 5-154): S4 TP 2 with
     # 100 adapters; then S4 TP 1 with 100 adapters (GPU 0) beside S4 TP 1 without LoRA (GPU 1); the top of each profile
   mkdir -p "$out/tp2" "$out/tp1" "$out/tp1n0"
@@ -332,11 +330,7 @@ tpfix)  # two H200, ~6 min: after TP workers pack their adapter shards (pinned, 
   TPG_SETTING=S6 TPG_LIMIT=120 TPG_REQUESTS=100 TPG_ARGS="--host-cache-memory 24" \
     TPG_RUNS="2:100 2:10" bash "$0" tpg-runs "$out"
   mkdir -p /tmp/logs && mv "$out"/*.log /tmp/logs/ 2>/dev/null
-  python3 -c 'import json, sys
-for f in sys.argv[1:]:
-    r = json.load(open(f))["results"]["loraplane"]
-    print(f.split("/")[-1], *(f"{k}={r[k]}" for k in ("req_per_s", "decode_step_ms_p50",
-          "decode_steps_s", "other_steps_s")))' "$out"/bench-*.json ;;
+  run_lines "$out"/bench-*.json ;;
 c7)  # two H200, ~6.5 min: after the meta alignment and the start-up kernel compiles: TP graphs
     # check, S4 TP 2 with and without the LoRA collectives, then the LoRA kernel bench and S2
     # 0 / 1,000 (GPU 0) beside S2 5 / 2,000 (GPU 1); logs leave $out (8 files come back)
