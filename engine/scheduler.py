@@ -59,6 +59,7 @@ class Scheduler:
         # batched (EngineConfig.admission_batch), since each admitting step runs eagerly.
         self.batch_admissions = False
         self.held_steps = 0  # decode steps admission was held back while a slot was free
+        self.num_held_steps = 0  # all such steps (benchmarks report it)
 
     def set_policy(self, policy: Policy) -> None:
         """Switch policies between workloads (its accounting starts empty, so must the engine)."""
@@ -95,6 +96,7 @@ class Scheduler:
         self._refuse(batch, now, estimate=False)
         if self._hold(batch):
             self.held_steps += 1
+            self.num_held_steps += 1
         else:
             self.held_steps = 0
             self._admit(batch, budget, now)

@@ -424,6 +424,7 @@ def test_admissions_join_a_nearly_full_graph_batch_several_at_a_time() -> None:
     rounds = [a for a, _, _ in admissions_per_step(engine) if a]
     assert sum(rounds) == 12
     assert rounds == [4, 4, 4], rounds
+    assert engine.scheduler.num_held_steps > 0
 
 
 def test_admission_hold_is_bounded_and_off_without_graphs() -> None:

@@ -246,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
                 **summarize(played.records, args.slo_first_token), **decode_steps(played.steps),
                 **tier_deltas(before, tier_results(stats)),
                 "preemptions": played.preemptions,
+                "admission_held_steps": played.admission_held_steps,
                 # Triton kernels compiled during the timed replay (the warm-up missed them).
                 "kernel_compiles": None if compiled is None
                 else sum(map(len, compiled.values())),

@@ -33,6 +33,7 @@ class Replay:
     records: list[RequestRecord]
     steps: list[tuple[float, int, bool]] = field(default_factory=list)
     preemptions: int = 0
+    admission_held_steps: int = 0  # steps that kept waiting requests out of a free slot
 
 
 def params_for(request: Request) -> SamplingParams:
@@ -182,7 +183,7 @@ def replay(engine: LLMEngine, trace: list[Request], names: list[str], *, saturat
     params = [params_for(r) for r in trace]
     seqs: list[Sequence | None] = [None] * len(trace)
     sched = engine.scheduler
-    preempted_before = sched.num_preemptions
+    preempted_before, held_before = sched.num_preemptions, sched.num_held_steps
     steps: list[tuple[float, int, bool]] = []
     t0 = time.monotonic()
     records = [RequestRecord(t0 if saturate else t0 + r.arrival, r.input_len, r.output_len)
@@ -226,4 +227,5 @@ def replay(engine: LLMEngine, trace: list[Request], names: list[str], *, saturat
     bar.close()
     if profile is not None:
         profile.finish()
-    return Replay(records, steps, sched.num_preemptions - preempted_before)
+    return Replay(records, steps, sched.num_preemptions - preempted_before,
+                  sched.num_held_steps - held_before)
