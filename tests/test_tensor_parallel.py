@@ -153,6 +153,20 @@ def test_tp2_greedy_tokens_equal_tp1(tp_engine: TensorParallelEngine, adapter_di
     assert len({tuple(t) for t in want}) > 3  # the adapters make a difference
 
 
+def test_workers_profile_the_steps_rank0_asks_for(tp_engine: TensorParallelEngine,
+                                                   tmp_path: Path) -> None:
+    """A PROFILE command starts torch.profiler on every worker; the next one writes its tables
+    next to rank 0's path, named -rank1 (benchmarks' --profile-steps)."""
+    path = tmp_path / "profile-x.txt"
+    tp_engine.profile_workers(str(path))
+    tp_engine.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0.0,
+                                                   ignore_eos=True))
+    tp_engine.profile_workers(None)
+    tp_engine.report()  # a round trip: the worker has handled the command before it answers
+    text = (tmp_path / "profile-x-rank1.txt").read_text()
+    assert text.startswith("tensor-parallel rank 1") and "Self CPU" in text
+
+
 def test_adapters_load_and_unload_on_every_rank(tp_engine: TensorParallelEngine,
                                                 adapter_dir: Path, tmp_path: Path) -> None:
     path = write_random_adapter(tmp_path / "late", TINY, 3, ("v_proj", "o_proj"), seed=5)
