@@ -110,8 +110,8 @@ w1)  # one H200, ~3 min: the TP engine at world size 1 (NCCL collectives of one 
       --model random:tiny-kv8 --out "$out/overlap$ov" 2>&1 \
       | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
   done ;;
-ovl)  # two H200, ~5.5 min (~8.5 with OVL_S6=1): the LoRA collectives started before the base GEMMs (async, on
-     # NCCL's stream): the TP graphs check (collectives captured async), S4 TP 2 with 100
+ovl)  # two H200, ~5.5 min (~8.5 with OVL_S6=1): the LoRA collectives started before the base
+     # GEMMs (async, on NCCL's stream): the TP graphs check (collectives captured async), S4 TP 2 with 100
      # adapters with the overlap, without it, and with the collectives skipped; then S6 TP 2
      # with 100 adapters and with its collectives skipped; a line per run
   LORAPLANE_TP_LORA_OVERLAP=1 timeout 150 python3 bench/tp_graph_check.py --tp 2 \
@@ -139,7 +139,8 @@ adm)  # two H200, ~8 min: admissions batched into nearly full graph batches (the
   mkdir -p /tmp/logs && mv "$out"/*.log /tmp/logs/ 2>/dev/null
   run_lines "$out"/bench-*.json ;;
 hp)  # two H200, ~5 min: where rank 0's host time goes (cProfile of steps 5-154): S4 TP 2 with
-    # 100 adapters; then S4 TP 1 with 100 adapters (GPU 0) beside S4 TP 1 without LoRA (GPU 1); the top of each profile
+    # 100 adapters; then S4 TP 1 with 100 adapters (GPU 0) beside S4 TP 1 without LoRA
+    # (GPU 1); the top of each profile
   mkdir -p "$out/tp2" "$out/tp1" "$out/tp1n0"
   bench 170 --setting S4 --num-adapters 100 --tensor-parallel-size 2 --saturate \
     --num-requests 150 --sets-per-rank 4 --profile-steps 5 150 --profile-python \

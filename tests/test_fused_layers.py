@@ -17,6 +17,7 @@ triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 import loraplane.engine.distributed.lora_op as lora_op_module  # noqa: E402
+import loraplane.engine.lora.triton_op as triton_op_module  # noqa: E402
 from loraplane.engine.adapters import LoraWeights, random_lora_weights  # noqa: E402
 from loraplane.engine.attention import SeqSlice, TorchAttention, store_kv  # noqa: E402
 from loraplane.engine.config import LORA_MODULES, NAMED_SHAPES, EngineConfig  # noqa: E402
@@ -265,7 +266,10 @@ def test_tensor_parallel_op_expands_a_fused_group_in_one_launch(
     def counting(s, y, *args, **kwargs):  # type: ignore[no-untyped-def]
         launches.append(1 if isinstance(y, torch.Tensor) else len(y))
         return real(s, y, *args, **kwargs)
+    # Both modules that launch the expand for the TP op (its own, and the group expand it
+    # shares with the one-GPU op).
     monkeypatch.setattr(lora_op_module, "lora_expand", counting)
+    monkeypatch.setattr(triton_op_module, "lora_expand", counting)
 
     def tp_op(pool: DevicePool) -> TensorParallelLoraOp:
         return TensorParallelLoraOp(pool, 0, 1, None, kernels=True)

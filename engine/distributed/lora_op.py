@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from loraplane.engine.config import ModelConfig
 from loraplane.engine.distributed.sharding import ROW_PARALLEL, padded_rank
-from loraplane.engine.kernels.lora_expand import column_offsets, lora_expand, lora_expand_ref
+from loraplane.engine.kernels.lora_expand import lora_expand, lora_expand_ref
 from loraplane.engine.kernels.lora_meta import (
     LoraKernelMeta,
     StaticMeta,
@@ -26,7 +26,14 @@ from loraplane.engine.kernels.lora_meta import (
 )
 from loraplane.engine.kernels.lora_shrink import lora_shrink, lora_shrink_ref
 from loraplane.engine.lora.ops import LoraBatch, LoraOp, LoraSegment, targeted_modules
-from loraplane.engine.lora.triton_op import compile_lora_kernels, targeted_group
+from loraplane.engine.lora.triton_op import (
+    check_none_held,
+    compile_lora_kernels,
+    expand_group,
+    held_back,
+    member_block,
+    targeted_group,
+)
 from loraplane.engine.memory_pool import DevicePool
 
 log = logging.getLogger(__name__)
@@ -39,11 +46,13 @@ SKIP_COLLECTIVES_ENV = "LORAPLANE_TP_SKIP_LORA_COLLECTIVES"
 OVERLAP_ENV = "LORAPLANE_TP_LORA_OVERLAP"
 
 
+# torch 2.13 renamed all_gather_into_tensor (older versions have only that name).
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
 def overlap_collectives() -> bool:
     """Whether the TP LoRA op overlaps its collectives with the base GEMMs (OVERLAP_ENV)."""
     return os.environ.get(OVERLAP_ENV, "1") != "0"
-# torch 2.13 renamed all_gather_into_tensor (older versions have only that name).
-_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 
 def shard_ranks(segments: list[LoraSegment], world: int) -> tuple[list[int], list[int]]:
@@ -125,12 +134,10 @@ class TensorParallelLoraOp(LoraOp):
         return compile_lora_kernels(self.pool, config, self.block_m) if self.kernels else 0
 
     def prepare(self, segments: list[LoraSegment]) -> LoraBatch:
-        held = sorted({m for st in self._pending.values() for m in st.held})
-        if held:  # a forward stopped inside a fused group: its members' terms were never added
-            msg = f"LoRA terms of {held} were held for siblings that never ran"
-            if segments:
-                raise RuntimeError(msg)
-            log.error("%s (the forward that held them did not finish)", msg)
+        started = {id(st): st for st in self._pending.values() if st.held}.values()
+        check_none_held(sorted(m for st in started for m in st.held),
+                        sorted(m for st in started for m in st.group if m not in st.held),
+                        segments)
         self._pending.clear()
         if not segments:
             return LoraBatch([])
@@ -206,29 +213,15 @@ class TensorParallelLoraOp(LoraOp):
         full = started.gathered(self.world)  # [T, k·R'·N], member j at columns j·R'·N
         group = started.group
         # Fused layers: the group's outputs are column blocks of one product; the last member
-        # to arrive expands them all in one launch (the model computes q, k, v before any use).
-        if self.kernels and len(group) > 1 and y.stride(0) > y.shape[1]:
+        # to arrive expands them all in one launch, as the one-GPU op does (the model computes
+        # q, k, v before any use).
+        if self.kernels and held_back(y, group):
             started.held[module] = y
-            if len(started.held) < len(group):
-                return
-            ys = [started.held.pop(m) for m in group]
-            offsets = column_offsets(ys)
-            if offsets is not None:
-                lay = self.pool.layout
-                lora_expand(full, ys, pool_layer, meta.full, list(group), lay.chunk,
-                            lay.chunks_per_page, self.block_m, offsets=offsets)
-                return
-            for m, ym in zip(group, ys, strict=True):
-                self._expand(member_block(full, group, m), ym, pool_layer, meta.full, m)
+            if len(started.held) == len(group):
+                expand_group(full, group, started.held, self.pool, layer, meta.full,
+                             self.block_m)
             return
         self._expand(member_block(full, group, module), y, pool_layer, meta.full, module)
-
-
-def member_block(s: torch.Tensor, group: tuple[str, ...], module: str) -> torch.Tensor:
-    """Module's columns of a group's shrink laid out member after member: [T, width]."""
-    width = s.shape[1] // len(group)
-    j = group.index(module)
-    return s[:, j * width:(j + 1) * width]
 
 
 @dataclass

@@ -14,7 +14,13 @@ from loraplane.engine.kernels.lora_expand import (
     column_offsets,
     lora_expand,
 )
-from loraplane.engine.kernels.lora_meta import RANK_TILES, StaticMeta, StaticShape, build_meta
+from loraplane.engine.kernels.lora_meta import (
+    RANK_TILES,
+    LoraKernelMeta,
+    StaticMeta,
+    StaticShape,
+    build_meta,
+)
 from loraplane.engine.kernels.lora_shrink import (
     SHRINK_WARPS_FEW,
     SHRINK_WARPS_MANY,
@@ -67,6 +73,49 @@ def compile_lora_kernels(pool: DevicePool, config: ModelConfig, block_m: int) ->
     return launches
 
 
+def member_block(s: torch.Tensor, group: tuple[str, ...], module: str) -> torch.Tensor:
+    """Module's columns [T, width] of a group's shrink laid out member after member."""
+    width = s.shape[1] // len(group)
+    j = group.index(module)
+    return s[:, j * width:(j + 1) * width]
+
+
+def held_back(y: torch.Tensor, group: tuple[str, ...]) -> bool:
+    """Whether a member's output waits for its siblings' to be expanded with them in one launch:
+    a column block of a wider row (fused layers) in a group of several."""
+    return y.stride(0) > y.shape[1] and len(group) > 1
+
+
+def expand_group(s: torch.Tensor, group: tuple[str, ...], held: dict[str, torch.Tensor],
+                 pool: DevicePool, layer: int, meta: LoraKernelMeta, block_m: int) -> None:
+    """Expand, and empty, `held` (module -> output) of a group whose shrink s holds member j at
+    columns j * width: one launch when they are the whole group's column blocks of one tensor,
+    else one per member."""
+    members = [m for m in group if m in held]
+    ys = [held.pop(m) for m in members]
+    lay, pool_layer = pool.layout, pool.data[layer]
+    offsets = column_offsets(ys) if members == list(group) else None
+    if offsets is not None:
+        lora_expand(s, ys, pool_layer, meta, members, lay.chunk, lay.chunks_per_page, block_m,
+                    offsets=offsets)
+        return
+    for m, y in zip(members, ys, strict=True):
+        lora_expand(member_block(s, group, m), y, pool_layer, meta, m, lay.chunk,
+                    lay.chunks_per_page, block_m)
+
+
+def check_none_held(held: list[str], waiting_for: list[str], segments: list[LoraSegment]) -> None:
+    """At a step's start: a forward that stopped before a fused group's last member left its
+    siblings' LoRA terms unadded. Raises if a step is about to run; the runner's reset after a
+    failed forward (no segments) only logs, so the forward's own error is what the caller sees."""
+    if not held:
+        return
+    msg = f"LoRA terms of {held} were held for {waiting_for}, which never ran"
+    if segments:
+        raise RuntimeError(msg)
+    log.error("%s (the forward that held them did not finish)", msg)
+
+
 @dataclass
 class _Shrunk:
     """A fused shrink's output [T, len(group) * shrink_width(max_rank)], kept until the group's
@@ -96,17 +145,9 @@ class TritonLoraOp(LoraOp):
         self._shrunk: _Shrunk | None = None
 
     def prepare(self, segments: list[LoraSegment]) -> LoraBatch:
-        held = self._shrunk
-        self._shrunk = None
-        if held is not None and held.held:
-            # A forward that stopped before a fused group's last member: its siblings' LoRA
-            # terms were never added. The runner's reset after a failed forward (no segments)
-            # only logs, so the forward's own error is what the caller sees.
-            msg = (f"LoRA terms of {sorted(held.held)} were held for {sorted(held.pending)}, "
-                   "which never ran")
-            if segments:
-                raise RuntimeError(msg)
-            log.error("%s (the forward that held them did not finish)", msg)
+        g, self._shrunk = self._shrunk, None
+        if g is not None:
+            check_none_held(sorted(g.held), sorted(g.pending), segments)
         if not segments:
             return LoraBatch([])
         return LoraBatch(segments, build_meta(segments, self.block_m, self.pool.data.device),
@@ -143,32 +184,11 @@ class TritonLoraOp(LoraOp):
             cached = self._shrunk = _Shrunk(x, layer, group, s, set(group))
         return cached
 
-    def _expand(self, g: _Shrunk, modules: list[str], ys: list[torch.Tensor],
-                batch: LoraBatch, offsets: list[int] | None = None) -> None:
-        """Expand `modules` (members of g, in group order) into their outputs, one launch
-        (`offsets`: the outputs' column_offsets, when known)."""
-        lay = self.pool.layout
-        width = g.s.shape[1] // len(g.group)
-        j = g.group.index(modules[0])
-        # One member: its block of s; the whole group: all of s (member j at j * width).
-        s = g.s[:, j * width:(j + 1) * width] if len(modules) == 1 else g.s
-        lora_expand(s, ys, self.pool.data[g.layer], batch.kernel_meta, modules, lay.chunk,
-                    lay.chunks_per_page, self.block_m, offsets=offsets)
-
     def _expand_held(self, g: _Shrunk, batch: LoraBatch) -> None:
-        """Expand the outputs g holds: one launch for the whole group when they are column
-        blocks of one tensor, else one per member."""
-        held, g.held = g.held, {}
-        if not held:
-            return
-        members = [m for m in g.group if m in held]
-        ys = [held[m] for m in members]
-        offsets = column_offsets(ys) if members == list(g.group) else None
-        if offsets is not None:
-            self._expand(g, members, ys, batch, offsets)
-        else:
-            for m, y in zip(members, ys, strict=True):
-                self._expand(g, [m], [y], batch)
+        """Expand the outputs g holds (expand_group)."""
+        if g.held:
+            expand_group(g.s, g.group, g.held, self.pool, g.layer, batch.kernel_meta,
+                         self.block_m)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, layer: int, module: str,
               batch: LoraBatch) -> None:
@@ -176,12 +196,11 @@ class TritonLoraOp(LoraOp):
             return  # no adapter of the step targets it
         g = self._group_shrink(x, layer, module, batch)
         g.pending.discard(module)
-        # A column block of a wider row (fused layers) waits for its siblings' blocks.
-        column_block = y.stride(0) > y.shape[1] and len(g.group) > 1
-        if column_block:
+        if held_back(y, g.group):
             g.held[module] = y
         else:
-            self._expand(g, [module], [y], batch)
+            expand_group(g.s, g.group, {module: y}, self.pool, layer, batch.kernel_meta,
+                         self.block_m)
         if not g.pending:
             self._expand_held(g, batch)
             self._shrunk = None
