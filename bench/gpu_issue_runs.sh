@@ -112,8 +112,9 @@ w1)  # one H200, ~3 min: the TP engine at world size 1 (NCCL collectives of one 
   done ;;
 ovl)  # two H200, ~5.5 min (~8.5 with OVL_S6=1): the LoRA collectives started before the base
      # GEMMs (async, on NCCL's stream): the TP graphs check (collectives captured async),
-     # S4 TP 2 with 100 adapters with the overlap, without it, and with the collectives skipped; then S6 TP 2
-     # with 100 adapters and with its collectives skipped; a line per run
+     # S4 TP 2 with 100 adapters with the overlap, without it, and with the collectives
+     # skipped; then (OVL_S6) S6 TP 2 with 100 adapters and with its collectives skipped; a
+     # line per run
   LORAPLANE_TP_LORA_OVERLAP=1 timeout 150 python3 bench/tp_graph_check.py --tp 2 \
     --model random:tiny-kv8 --out "$out/overlap" 2>&1 | grep -e "^ *[0-9]" -e tp= -e Error \
     -e error | tail -8
