@@ -30,6 +30,9 @@
 #   c6 (two H200): c3 without the TP check
 #   c8 (two H200): the rotary-store launch checked (TP graphs, fused logits, batch 1), 32-row
 #                  PEFT ratio, S2 0 / 1,000 and a profile of the 1,000-adapter run's early steps
+#   e8 (two H200): TP graphs check, fused logits and batch 1, S2 0 / 1,000 / 5 / 2,000 with the
+#                  decode steps' adapter bytes, profiles of S2's decode steps, LoRA launch
+#                  variants on the S2 rank mix
 #   r25 (two H200): S2 5 vs 2,000 adapters side by side
 #   w1 (one H200): the TP engine at world size 1 against one GPU, without and with the overlap
 #   ovl (two H200): LoRA collectives overlapped with the base GEMMs: S4 / S6 TP 2
@@ -94,6 +97,37 @@ summary() {
     -e "^versions" -e "^machine" | tail -40
 }
 case $part in
+e8)  # two H200, ~7.5 min, session 8's first call: the TP graphs check on tiny-kv8 (first GPU
+    # run of 0523910's shared fused-group expand); then on GPU 0 fused vs unfused logits and
+    # the batch-1 step, and profiles of S2's decode steps 300-339 with 1,000 adapters and
+    # with none; beside them on GPU 1 #3's S2 ratios (0 / 1,000 and 5 / 2,000 adapters, 200
+    # requests queued at once; each run now records the adapter bytes its decode steps read)
+    # and the LoRA kernels' launch variants on S2's rank mix at batch 64 (graph metadata)
+  timeout 150 python3 bench/tp_graph_check.py --tp 2 --model random:tiny-kv8 --out "$out" 2>&1 \
+    | grep -e "^ *[0-9]" -e tp= -e Error -e error | tail -8
+  mkdir -p "$out/profiled"
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout 150 python3 bench/fused_check.py --out "$out" 2>&1 | grep -v -i warn | tail -8
+   for n in 1000 0; do
+     bench 100 --setting S2 --num-adapters $n --num-requests 200 --saturate \
+       --profile-steps 300 40 --out "$out/profiled" | tail -2
+   done
+  ) > /tmp/gpu0.log 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   for n in 0 1000 5 2000; do
+     bench 95 --setting S2 --num-adapters $n --num-requests 200 --saturate | tail -2
+   done
+   timeout 150 python3 bench/kernels/lora_variants.py --ranks 0 --static --out "$out" 2>&1 \
+     | grep -v -i warn | tail -12
+  ) > /tmp/gpu1.log 2>&1 &
+  wait
+  summary
+  run_lines "$out"/bench-*.json "$out"/profiled/bench-*.json
+  for f in "$out"/profiled/profile-*.txt; do echo "== $f"; head -30 "$f" | cut -c1-72,143-170,199-212; done
+  mv "$out"/profiled/profile-*.txt "$out"/
+  tar czf "$out/runs-e8.tgz" -C "$out" $(cd "$out" && ls bench-*.json profiled/bench-*.json)
+  rm -rf "$out"/bench-*.json "$out"/profiled; mkdir -p /tmp/logs; mv "$out"/*.log /tmp/logs/
+  ls "$out" ;;
 r25)  # two H200, ~1.5 min: #3's 2,000 vs 5 adapters ratio with batched admissions (S2, 200
      # requests queued at once; 5 adapters on GPU 0 beside 2,000 on GPU 1)
   (export CUDA_VISIBLE_DEVICES=0

@@ -66,6 +66,9 @@ def test_engine_with_adapters(results: dict[str, dict]) -> None:
     assert 12 * 2 <= r["output_tokens"] <= 12 * 8
     assert r["decode_steps"] > 0 and r["decode_step_ms_p50"] > 0
     assert 1 <= rec["trace"]["distinct_adapters_used"] <= 5
+    # The adapter weights a decode step had to read: its rows' distinct adapters' A and B.
+    assert 1 <= r["decode_adapters_p50"] <= 5
+    assert r["decode_lora_mb_p50"] > 0 and "decode_lora_floor_ms_p50" in r
 
 
 def test_no_lora(results: dict[str, dict]) -> None:
@@ -73,6 +76,7 @@ def test_no_lora(results: dict[str, dict]) -> None:
     assert rec["config"]["num_adapters"] == 0 and rec["config"]["adapter_storage"] is None
     _check_summary(rec["results"]["loraplane"], 12)
     assert rec["trace"]["distinct_adapters_used"] == 0
+    assert rec["results"]["loraplane"]["decode_lora_mb_p50"] == 0
     # The same seed gives the same lengths with or without adapters.
     lora = results["lora"]["results"]["loraplane"]
     assert rec["results"]["loraplane"]["output_tokens"] == lora["output_tokens"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from loraplane.engine.bench.metrics import StepRecord, decode_steps
 from loraplane.engine.bench.workload import (
     SETTINGS,
     WorkloadSpec,
@@ -80,3 +81,14 @@ def test_adapter_count_keeps_arrivals_and_lengths() -> None:
                                                                                         3.0))]
 
     assert shape(0) == shape(5) == shape(2000)
+
+
+def test_decode_split_reports_the_adapter_bytes_a_decode_step_read() -> None:
+    steps = [StepRecord(0.5, 4, False), StepRecord(0.010, 4, True, 2, 4_270_000_000),
+             StepRecord(0.012, 4, True, 3, 6_405_000_000), StepRecord(0.011, 3, True, 3,
+                                                                      6_405_000_000)]
+    d = decode_steps(steps)
+    assert d["decode_steps"] == 3 and d["other_steps_s"] == 0.5
+    assert d["decode_adapters_p50"] == 3 and d["decode_lora_mb_p50"] == 6405.0
+    # 6.405 GB at the H200's 4.27 TB/s copy bandwidth: 1.5 ms at the least.
+    assert d["decode_lora_floor_ms_p50"] == 1.5

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from loraplane.engine.adapter_cache import Adapter
 from loraplane.engine.bench.adapters import WeightSets
-from loraplane.engine.bench.metrics import RequestRecord, decode_steps
+from loraplane.engine.bench.metrics import RequestRecord, StepRecord, decode_steps
 from loraplane.engine.bench.workload import Request, prompt_ids
 from loraplane.engine.distributed.engine import TensorParallelEngine
 from loraplane.engine.engine import LLMEngine
@@ -28,10 +29,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Replay:
-    """What one replay recorded: per-request timings and (seconds, rows, all_decode) per step."""
+    """What one replay recorded: per-request timings and a StepRecord per step."""
 
     records: list[RequestRecord]
-    steps: list[tuple[float, int, bool]] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
     preemptions: int = 0
     admission_held_steps: int = 0  # steps that kept waiting requests out of a free slot
 
@@ -127,7 +128,7 @@ class StepProfile:
         self.path, self.first, self.count = path, first, count
         self._prof: torch.profiler.profile | cProfile.Profile | None = None
         self.python = python  # cProfile of the stepping thread's functions instead
-        self._steps: list[tuple[float, int, bool]] = []
+        self._steps: list[StepRecord] = []
         self._workers = engine if isinstance(engine, TensorParallelEngine) else None
 
     def before(self, step: int) -> None:
@@ -140,7 +141,7 @@ class StepProfile:
                 self._workers.profile_workers(str(self.path))
             self._prof = start_profiler()
 
-    def after(self, step: int, record: tuple[float, int, bool]) -> None:
+    def after(self, step: int, record: StepRecord) -> None:
         if self._prof is None:
             return
         self._steps.append(record)
@@ -166,10 +167,24 @@ class StepProfile:
         split = decode_steps(self._steps)  # the bench record's own split of step time
         head = (f"{len(self._steps)} steps from step {self.first}: {split.get('decode_steps', 0)} "
                 f"pure decode ({split.get('decode_steps_s', 0.0)} s, other steps "
-                f"{split.get('other_steps_s', '-')} s); rows {[n for _, n, _ in self._steps]}\n")
+                f"{split.get('other_steps_s', '-')} s); rows {[st.rows for st in self._steps]}\n")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(head + tables)
         log.warning("profile of %d steps -> %s", len(self._steps), self.path)
+
+
+def decode_lora_bytes(engine: LLMEngine, adapters: list[Adapter | None]) -> tuple[int, int]:
+    """The distinct adapters of a decode step's rows and the bytes of their A and B weights in
+    every layer (whole model, all ranks of a tensor-parallel engine together)."""
+    config = engine.config
+    size = engine.adapters.pool.data.element_size()
+    used = {a for a in adapters if a is not None}
+    total = 0
+    for a in used:
+        spec = a.spec
+        per_rank = sum(sum(config.module_shape(m)) for m in spec.modules)  # A row + B column
+        total += spec.rank * per_rank * config.num_layers * size
+    return len(used), total
 
 
 def replay(engine: LLMEngine, trace: list[Request], names: list[str], *, saturate: bool,
@@ -184,7 +199,7 @@ def replay(engine: LLMEngine, trace: list[Request], names: list[str], *, saturat
     seqs: list[Sequence | None] = [None] * len(trace)
     sched = engine.scheduler
     preempted_before, held_before = sched.num_preemptions, sched.num_held_steps
-    steps: list[tuple[float, int, bool]] = []
+    steps: list[StepRecord] = []
     t0 = time.monotonic()
     records = [RequestRecord(t0 if saturate else t0 + r.arrival, r.input_len, r.output_len)
                for r in trace]
@@ -201,6 +216,7 @@ def replay(engine: LLMEngine, trace: list[Request], names: list[str], *, saturat
             time.sleep(max(0.0, min(records[nxt].arrival - time.monotonic(), 0.05)))
             continue
         running, waiting = len(sched.running), len(sched.waiting)
+        adapters = [seq.adapter for seq in sched.running]
         if profile is not None:
             profile.before(len(steps))
         start = time.monotonic()
@@ -210,7 +226,8 @@ def replay(engine: LLMEngine, trace: list[Request], names: list[str], *, saturat
         # and nothing was admitted or preempted.
         all_decode = (len(outputs) == running > 0 and len(sched.waiting) == waiting
                       and all(o.completion_tokens > 1 for o in outputs))
-        steps.append((end - start, len(outputs), all_decode))
+        used, lora_bytes = decode_lora_bytes(engine, adapters) if all_decode else (0, 0)
+        steps.append(StepRecord(end - start, len(outputs), all_decode, used, lora_bytes))
         if profile is not None:
             profile.after(len(steps) - 1, steps[-1])
         for out in outputs:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
+
+# The H200's measured device-to-device copy bandwidth (../shared/PERFORMANCE.md), bytes/s: the
+# rate at which a decode step's adapter weights could at best be read.
+HBM_BYTES_PER_S = 4.27e12
 
 
 @dataclass
@@ -59,14 +64,29 @@ def summarize(records: list[RequestRecord], slo_s: float) -> dict:
     }
 
 
-def decode_steps(steps: list[tuple[float, int, bool]]) -> dict:
-    """Median time and batch size of pure-decode steps from (seconds, rows, all_decode) tuples,
-    and where the steps' time went: pure-decode steps vs the others (prefill or mixed)."""
-    pure = [(s, n) for s, n, d in steps if d]
+class StepRecord(NamedTuple):
+    """One engine step of a replay: wall seconds, rows that sampled a token, whether it was a
+    pure decode step, and (decode steps) the distinct adapters its rows used and the bytes of
+    their A and B weights, which the step's LoRA kernels must read at least once."""
+
+    seconds: float
+    rows: int
+    all_decode: bool
+    adapters: int = 0
+    lora_bytes: int = 0
+
+
+def decode_steps(steps: list[StepRecord]) -> dict:
+    """Median time and batch size of pure-decode steps, where the steps' time went (pure-decode
+    steps vs the others: prefill or mixed), and the adapter weights a decode step read: its
+    distinct adapters, their bytes, and the least time reading those bytes takes at the H200's
+    copy bandwidth (the LoRA floor of a decode step, whatever the kernels)."""
+    pure = [st for st in steps if st.all_decode]
     if not pure:
         return {"decode_steps": 0}
-    secs = [s for s, _ in pure]
-    other = [s for s, _, d in steps if not d]
+    secs = [st.seconds for st in pure]
+    other = [st.seconds for st in steps if not st.all_decode]
+    lora_bytes = [st.lora_bytes for st in pure]
     return {
         "decode_steps_s": round(sum(secs), 3),
         "other_steps_s": round(sum(other), 3),
@@ -74,7 +94,11 @@ def decode_steps(steps: list[tuple[float, int, bool]]) -> dict:
         "decode_steps": len(pure),
         "decode_step_ms_p50": _ms(secs, 50),
         "decode_step_ms_p99": _ms(secs, 99),
-        "decode_batch_p50": float(np.median([n for _, n in pure])),
-        "decode_tokens_per_s": round(sum(n for _, n in pure) / sum(secs), 2),
+        "decode_batch_p50": float(np.median([st.rows for st in pure])),
+        "decode_tokens_per_s": round(sum(st.rows for st in pure) / sum(secs), 2),
+        "decode_adapters_p50": float(np.median([st.adapters for st in pure])),
+        "decode_lora_mb_p50": round(float(np.median(lora_bytes)) / 1e6, 2),
+        "decode_lora_floor_ms_p50": round(float(np.median(lora_bytes)) / HBM_BYTES_PER_S * 1e3,
+                                          3),
         "steps_total": len(steps),
     }

@@ -65,6 +65,7 @@ COLUMNS = [("req/s", "req_per_s", "{:.3f}"), ("out tok/s", "output_tokens_per_s"
            ("TTFT p99 ms", "first_token_ms_p99", "{:.1f}"), ("SLO", "slo_attainment", "{:.1%}"),
            ("aborted", "aborted_share", "{:.1%}"),
            ("decode ms p50", "decode_step_ms_p50", "{:.2f}"),
+           ("LoRA floor ms", "decode_lora_floor_ms_p50", "{:.2f}"),
            ("prefetch hits", "prefetch_hits", "{:d}"), ("misses", "prefetch_misses", "{:d}"),
            ("load hidden", "adapter_load_hidden_share", "{:.1%}"),
            ("copy hidden", "adapter_copy_hidden_share", "{:.1%}"),
