@@ -97,6 +97,21 @@ summary() {
     -e "^versions" -e "^machine" | tail -40
 }
 case $part in
+e9)  # two H200, ~4 min: the expand's launch variants with rank tiles of 16 and column blocks
+    # grouped per program (GROUP_N): S2's rank mix at batch 64 as a decode graph holds it
+    # (GPU 0); one adapter a row at rank 16 and 64, then the LoRA kernel bench (GPU 1)
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout 280 python3 bench/kernels/lora_variants.py --ranks 0 --static --out "$out" 2>&1 \
+     | grep -v -i warn | tail -6
+  ) > /tmp/gpu0.log 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   timeout 200 python3 bench/kernels/lora_variants.py --ranks 16 64 --static --out "$out" 2>&1 \
+     | grep -v -i warn | tail -8
+   timeout 90 python3 bench/kernels/lora_bench.py --batch 64 --ranks 16 64 --out "$out" 2>&1 \
+     | grep -v -i warn | tail -9
+  ) > /tmp/gpu1.log 2>&1 &
+  wait
+  cat /tmp/gpu0.log /tmp/gpu1.log | grep -v "^{'rank'" | cut -c1-200; ls "$out" ;;
 e8)  # two H200, ~7.5 min, session 8's first call: the TP graphs check on tiny-kv8 (first GPU
     # run of 0523910's shared fused-group expand); then on GPU 0 fused vs unfused logits and
     # the batch-1 step, and profiles of S2's decode steps 300-339 with 1,000 adapters and
