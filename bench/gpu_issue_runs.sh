@@ -101,12 +101,12 @@ e9)  # two H200, ~4 min: the expand's launch variants with rank tiles of 16 and 
     # grouped per program (GROUP_N): S2's rank mix at batch 64 as a decode graph holds it
     # (GPU 0); one adapter a row at rank 16 and 64, then the LoRA kernel bench (GPU 1)
   (export CUDA_VISIBLE_DEVICES=0
-   timeout 280 python3 bench/kernels/lora_variants.py --ranks 0 --static --out "$out" 2>&1 \
+   timeout 280 python3 bench/kernels/lora_variants.py --ranks 0 --static --out "$out/mix" 2>&1 \
      | grep -v -i warn | tail -6
   ) > /tmp/gpu0.log 2>&1 &
   (export CUDA_VISIBLE_DEVICES=1
-   timeout 200 python3 bench/kernels/lora_variants.py --ranks 16 64 --static --out "$out" 2>&1 \
-     | grep -v -i warn | tail -8
+   timeout 200 python3 bench/kernels/lora_variants.py --ranks 16 64 --static --out "$out/one" \
+     2>&1 | grep -v -i warn | tail -8
    timeout 90 python3 bench/kernels/lora_bench.py --batch 64 --ranks 16 64 --out "$out" 2>&1 \
      | grep -v -i warn | tail -9
   ) > /tmp/gpu1.log 2>&1 &
