@@ -97,6 +97,38 @@ summary() {
     -e "^versions" -e "^machine" | tail -40
 }
 case $part in
+e10)  # two H200, ~6 min: the expand's new launch rule (16 rank rows x 256 columns a program):
+     # launch variants on S2's rank mix at batch 64 on 64 and on 5 adapters, then the 32-row
+     # PEFT ratio (GPU 0); #3's S2 ratios, 0 / 1,000 / 5 / 2,000 adapters (GPU 1)
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout 200 python3 bench/kernels/lora_variants.py --ranks 0 --adapters 0 5 --static \
+     --out "$out" 2>&1 | grep -v -i warn | grep -v "^{'rank'" | tail -7
+   bench 200 --setting S2 --ranks 16 --num-adapters 32 --num-requests 32 --round-robin-adapters \
+     --input-range 256 256 --output-range 64 64 --max-num-seqs 32 --saturate --baseline peft
+  ) > /tmp/gpu0.log 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   for n in 0 1000 5 2000; do
+     bench 95 --setting S2 --num-adapters $n --num-requests 200 --saturate | tail -2
+   done
+  ) > /tmp/gpu1.log 2>&1 &
+  wait
+  summary
+  run_lines "$out"/bench-*.json
+  python3 -c 'import json, sys
+for f in sys.argv[1:]:
+    r = json.load(open(f))["results"]["loraplane"]
+    print(f.split("/")[-1][27:], *(f"{k}={r.get(k)}" for k in ("decode_adapters_p50",
+          "decode_lora_mb_p50", "decode_lora_floor_ms_p50")))' "$out"/bench-*.json
+  python3 - "$out" <<'PY'
+import json, glob, sys
+for f in glob.glob(sys.argv[1] + "/lora-variants-*.json"):
+    for r in json.load(open(f))["rows"]:
+        ex = sorted(r["all"]["expand"], key=lambda c: c["us"])[:4]
+        print(r["rank"], r["adapters"], r["group"], "default", r["default_us"], "best sum",
+              r["best_sum_us"], "shrink", r["best"]["shrink"]["us"])
+        for c in ex: print("  E", c)
+PY
+  mkdir -p /tmp/logs; mv "$out"/*.log /tmp/logs/; ls "$out" ;;
 e9)  # two H200, ~4 min: the expand's launch variants with rank tiles of 16 and column blocks
     # grouped per program (GROUP_N): S2's rank mix at batch 64 as a decode graph holds it
     # (GPU 0); one adapter a row at rank 16 and 64, then the LoRA kernel bench (GPU 1)

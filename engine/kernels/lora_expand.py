@@ -12,7 +12,6 @@ from loraplane.engine.kernels.common import dot_precision
 from loraplane.engine.kernels.lora_meta import (
     LoraKernelMeta,
     pack_modules,
-    rank_tile,
     segment_weights,
     tile_out,
     tile_rows,
@@ -106,8 +105,13 @@ def _expand_tile(s_ptr, y_ptr, pool_ptr, pages_ptr, row0, row_end, rank, first, 
     tl.store(y, (prev.to(tl.float32) + acc).to(prev.dtype), mask=mask)
 
 
-# One warp per [16 x 128] output tile; more when few tiles hold wide ranks (the H200 sweep).
+# One warp per tile; more when few tiles hold wide ranks (the H200 sweep).
 EXPAND_WARPS, EXPAND_WARPS_FEW_WIDE = 1, 4
+# A program's block: 16 rank rows by 256 columns. At decode batch 64, one adapter a row, this
+# beat 32 x 128 (the rule before) for every case swept on the H200: q,k,v expand 23.4 against
+# 28.3 us on S2's rank mix, 35.1 against 42.8 at rank 64, 11.3 against 12.4 at rank 16; o_proj
+# 10.6 / 11.6 / 5.3 against 11.7 / 13.1 / 6.6 (bench/results/lora-variants-2026-12-01T0156-*.json).
+EXPAND_RANK_TILE, EXPAND_BLOCK_N = 16, 256
 
 
 def column_offsets(ys: Sequence[torch.Tensor]) -> list[int] | None:
@@ -161,18 +165,18 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
         raise ValueError(f"output widths {widths} are not multiples of the chunk {chunk}")
     if meta.num_tiles == 0:
         return
-    # Default: 128 columns, at most a chunk. Blocks wider than a chunk (asked for: a page lookup
-    # per chunk instead of per rank row) must tile every width exactly (the kernel counts a
-    # member's blocks as width // BLOCK_N); else a chunk.
+    # Blocks wider than a chunk (a page lookup per chunk instead of per rank row) must tile
+    # every width exactly (the kernel counts a member's blocks as width // BLOCK_N); else at
+    # most a chunk, 128 columns.
     if block_n is None:
+        block_n = EXPAND_BLOCK_N
+    if block_n > chunk and any(n % block_n for n in widths):
         block_n = min(chunk, 128)
-    elif block_n > chunk and any(n % block_n for n in widths):
-        block_n = chunk
     if num_warps is None:
         wide_few = meta.num_tiles < 16 and meta.max_rank > 32
         num_warps = EXPAND_WARPS_FEW_WIDE if wide_few else EXPAND_WARPS
     if block_r is None:
-        block_r = rank_tile(meta.max_rank)
+        block_r = EXPAND_RANK_TILE
     if group_n < 1 or any((n // block_n) % group_n for n in widths):
         group_n = 1
     s_width = s.shape[1] // len(modules)

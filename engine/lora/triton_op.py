@@ -67,8 +67,9 @@ def compile_lora_kernels(pool: DevicePool, config: ModelConfig, block_m: int) ->
         for n in sorted({o for _, o in shapes.values()}):
             y = torch.zeros(1, n, dtype=dtype, device=dev)
             for warps in (EXPAND_WARPS, EXPAND_WARPS_FEW_WIDE):
+                # (the expand's rank tile is EXPAND_RANK_TILE whatever the ranks)
                 lora_expand(s, y, pool.data[0], meta, "q_proj", lay.chunk, lay.chunks_per_page,
-                            block_m, num_warps=warps, block_r=block_r)
+                            block_m, num_warps=warps)
                 launches += 1
     return launches
 
