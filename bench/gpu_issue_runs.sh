@@ -97,6 +97,24 @@ summary() {
     -e "^versions" -e "^machine" | tail -40
 }
 case $part in
+e11)  # two H200, ~3 min: the expand's launch rule A/B in the engine, side by side: S2 with
+     # 1,000 and 5 adapters, the rule before (32 rank rows x 128 columns, GPU 0) and the new one
+     # (16 x 256, GPU 1), then S2 without LoRA on each GPU
+  (export CUDA_VISIBLE_DEVICES=0 LORAPLANE_LORA_EXPAND_TILE=32x128
+   for n in 1000 5; do
+     bench 95 --setting S2 --num-adapters $n --num-requests 200 --saturate \
+       --out "$out/old" | tail -1
+   done
+   bench 95 --setting S2 --num-adapters 0 --num-requests 200 --saturate --out "$out/old" | tail -1
+  ) > /tmp/gpu0.log 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   for n in 1000 5 0; do
+     bench 95 --setting S2 --num-adapters $n --num-requests 200 --saturate | tail -1
+   done
+  ) > /tmp/gpu1.log 2>&1 &
+  wait
+  for d in "$out/old" "$out"; do echo "== $d"; run_lines "$d"/bench-*.json; done
+  mkdir -p /tmp/logs; mv "$out"/*.log /tmp/logs/; ls -R "$out" ;;
 e10)  # two H200, ~6 min: the expand's new launch rule (16 rank rows x 256 columns a program):
      # launch variants on S2's rank mix at batch 64 on 64 and on 5 adapters, then the 32-row
      # PEFT ratio (GPU 0); #3's S2 ratios, 0 / 1,000 / 5 / 2,000 adapters (GPU 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -112,6 +113,9 @@ EXPAND_WARPS, EXPAND_WARPS_FEW_WIDE = 1, 4
 # 28.3 us on S2's rank mix, 35.1 against 42.8 at rank 64, 11.3 against 12.4 at rank 16; o_proj
 # 10.6 / 11.6 / 5.3 against 11.7 / 13.1 / 6.6 (bench/results/lora-variants-2026-12-01T0156-*.json).
 EXPAND_RANK_TILE, EXPAND_BLOCK_N = 16, 256
+# Benchmarks compare against another rule in one call: LORAPLANE_LORA_EXPAND_TILE=32x128.
+if _tile := os.environ.get("LORAPLANE_LORA_EXPAND_TILE"):
+    EXPAND_RANK_TILE, EXPAND_BLOCK_N = (int(v) for v in _tile.split("x"))
 
 
 def column_offsets(ys: Sequence[torch.Tensor]) -> list[int] | None:
