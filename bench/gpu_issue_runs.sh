@@ -97,6 +97,12 @@ summary() {
     -e "^versions" -e "^machine" | tail -40
 }
 case $part in
+e12)  # one H200, ~3.5 min: #3's S2 ratios on one GPU, one run after another, the expand's new
+     # launch rule: 0, 1,000, 5 and 2,000 adapters, 200 requests queued at once
+  for n in 0 1000 5 2000; do
+    bench 95 --setting S2 --num-adapters $n --num-requests 200 --saturate | tail -1
+  done
+  run_lines "$out"/bench-*.json; mkdir -p /tmp/logs; mv "$out"/*.log /tmp/logs/ ;;
 e11)  # two H200, ~3 min: the expand's launch rule A/B in the engine, side by side: S2 with
      # 1,000 and 5 adapters, the rule before (32 rank rows x 128 columns, GPU 0) and the new one
      # (16 x 256, GPU 1), then S2 without LoRA on each GPU
