@@ -97,6 +97,13 @@ summary() {
     -e "^versions" -e "^machine" | tail -40
 }
 case $part in
+e13)  # one H200, ~2.5 min: the LoRA kernels' bandwidth at decode batch 64 with the expand's new
+     # launch rule: the kernel bench (q, gate, down alone, ranks 16 and 64), then the engine's
+     # q,k,v and o_proj launches at rank 64 and 16, one adapter a row, graph metadata
+  timeout 90 python3 bench/kernels/lora_bench.py --batch 64 --ranks 16 64 --out "$out" 2>&1 \
+    | grep -v -i warn | tail -9
+  timeout 200 python3 bench/kernels/lora_variants.py --ranks 64 16 --static --out "$out" 2>&1 \
+    | grep -v -i warn | grep -v "^{'rank'" | tail -8 ;;
 e12)  # one H200, ~3.5 min: #3's S2 ratios on one GPU, one run after another, the expand's new
      # launch rule: 0, 1,000, 5 and 2,000 adapters, 200 requests queued at once
   for n in 0 1000 5 2000; do
