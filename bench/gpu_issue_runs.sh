@@ -97,6 +97,12 @@ summary() {
     -e "^versions" -e "^machine" | tail -40
 }
 case $part in
+e14)  # one H200, ~4 min: tiles of several rows multiplying 128 columns at a time inside the
+     # expand's 256-column blocks: launch variants on S2's rank mix (64 and 5 adapters), then
+     # #3's S2 ratios (0 / 1,000 / 5 / 2,000 adapters) one run after another
+  timeout 150 python3 bench/kernels/lora_variants.py --ranks 0 --adapters 0 5 --static \
+    --out "$out" 2>&1 | grep -v -i warn | grep -v "^{'rank'" | tail -6
+  bash "$0" e12 "$out" ;;
 e13)  # one H200, ~2.5 min: the LoRA kernels' bandwidth at decode batch 64 with the expand's new
      # launch rule: the kernel bench (q, gate, down alone, ranks 16 and 64), then the engine's
      # q,k,v and o_proj launches at rank 64 and 16, one adapter a row, graph metadata
