@@ -27,7 +27,7 @@ def _expand_kernel(s_ptr, y_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pag
                    stride_sm, stride_ym, s_width, modules, N0, N1, N2, Y1, Y2,
                    CHUNK: tl.constexpr, CPP: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_N: tl.constexpr,
-                   DOT_N: tl.constexpr, PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     # Axis 1 enumerates groups of GROUP_N column blocks of up to three members of a fused
     # group side by side (N1 = N2 = 0 for one module): member j has width Nj (a multiple of
@@ -59,13 +59,9 @@ def _expand_kernel(s_ptr, y_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pag
                          page_off, stride_sm, stride_ym, j * s_width, y_col, n0, N, CHUNK,
                          CPP, BLOCK_M, BLOCK_N, BLOCK_R, True, PRECISION)
         else:
-            # Wider tiles take the block DOT_N columns at a time (at one warp, 16-row tiles on
-            # 5 adapters: q,k,v 10.7 us in 128-column blocks against 13.4 in 256, o_proj 7.9
-            # against 12.7; lora-variants-2026-12-01T0200-mix-new-rule.json).
-            for h in tl.static_range(BLOCK_N // DOT_N):
-                _expand_tile(s_ptr, y_ptr, pool_ptr, pages_ptr, row0, row_end, rank, first,
-                             page_off, stride_sm, stride_ym, j * s_width, y_col, n0 + h * DOT_N,
-                             N, CHUNK, CPP, BLOCK_M, DOT_N, BLOCK_R, False, PRECISION)
+            _expand_tile(s_ptr, y_ptr, pool_ptr, pages_ptr, row0, row_end, rank, first,
+                         page_off, stride_sm, stride_ym, j * s_width, y_col, n0, N, CHUNK,
+                         CPP, BLOCK_M, BLOCK_N, BLOCK_R, False, PRECISION)
 
 
 @triton.jit
@@ -112,14 +108,15 @@ def _expand_tile(s_ptr, y_ptr, pool_ptr, pages_ptr, row0, row_end, rank, first, 
 
 # One warp per tile; more when few tiles hold wide ranks (the H200 sweep).
 EXPAND_WARPS, EXPAND_WARPS_FEW_WIDE = 1, 4
-# A program's block: 16 rank rows by 256 columns. At decode batch 64, one adapter a row, this
-# beat 32 x 128 (the rule before) for every case swept on the H200: q,k,v expand 23.4 against
-# 28.3 us on S2's rank mix, 35.1 against 42.8 at rank 64, 11.3 against 12.4 at rank 16; o_proj
-# 10.6 / 11.6 / 5.3 against 11.7 / 13.1 / 6.6 (bench/results/lora-variants-2026-12-01T0156-*.json).
-EXPAND_RANK_TILE, EXPAND_BLOCK_N = 16, 256
-# Tiles of several rows (tl.dot) multiply 128 columns at a time, faster at one warp (below).
-DOT_BLOCK_N = 128
-# Benchmarks compare against another rule in one call: LORAPLANE_LORA_EXPAND_TILE=32x128.
+# A program's block: 16 rank rows by 128 columns (at most a chunk). At decode batch 64 on the
+# H200 (one warp, graph metadata; bench/results/lora-variants-2026-12-01T0156-*.json, ...T0200-*)
+# it beat 32 x 128 (the rule before) in every case swept: q,k,v / o_proj expand on S2's rank mix
+# with one adapter a row 25.8 / 10.5 us against 28.7 / 11.9, on 5 adapters 10.7 / 7.9 against
+# 12.5 / 8.8, at rank 64 39.8 against 42.8 for q,k,v. 256 columns was faster with one adapter a
+# row (23.9 / 10.7 on the mix, 35.1 at rank 64) but slower on 5 adapters (13.4 / 12.7).
+EXPAND_RANK_TILE, EXPAND_BLOCK_N = 16, 128
+# Benchmarks compare another rule in one call: LORAPLANE_LORA_EXPAND_TILE=32x128 (rank rows x
+# columns).
 if _tile := os.environ.get("LORAPLANE_LORA_EXPAND_TILE"):
     EXPAND_RANK_TILE, EXPAND_BLOCK_N = (int(v) for v in _tile.split("x"))
 
@@ -147,7 +144,7 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
                 chunk: int, chunks_per_page: int, block_m: int, block_n: int | None = None,
                 num_warps: int | None = None, num_stages: int = 1,
                 offsets: list[int] | None = None, block_r: int | None = None,
-                group_n: int = 1, dot_block_n: int | None = None) -> None:
+                group_n: int = 1) -> None:
     """y [T, N] += s [T, >= max_rank] · B^T for each segment's adapter, in place.
 
     A fused group in one launch: `module` up to three modules and `y` their outputs, column
@@ -158,8 +155,7 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
     width). On the H200 one warp per [16 x 128] output tile was fastest from 16 rows up
     (bench/results/lora-kernels-nvidia-h200-2026-11-30-sweep.json); few rows of wide ranks
     want more warps. `group_n`: column blocks a program takes (its tile's metadata read once
-    for them); 1 when it does not divide every member's block count. `dot_block_n`: columns a
-    tile of several rows multiplies at a time (default: the block, at most DOT_BLOCK_N)."""
+    for them); 1 when it does not divide every member's block count."""
     modules = [module] if isinstance(module, str) else list(module)
     ys = [y] if isinstance(y, torch.Tensor) else list(y)
     if not 0 < len(modules) == len(ys) <= 3:
@@ -176,20 +172,16 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
         raise ValueError(f"output widths {widths} are not multiples of the chunk {chunk}")
     if meta.num_tiles == 0:
         return
-    # Blocks wider than a chunk (a page lookup per chunk instead of per rank row) must tile
-    # every width exactly (the kernel counts a member's blocks as width // BLOCK_N); else at
-    # most a chunk, 128 columns.
-    if block_n is None:
-        block_n = EXPAND_BLOCK_N
-    if block_n > chunk and any(n % block_n for n in widths):
-        block_n = min(chunk, 128)
+    # Blocks wider than a chunk (asked for: a page lookup per chunk instead of per rank row)
+    # must tile every width exactly (the kernel counts a member's blocks as width // BLOCK_N);
+    # else at most a chunk.
+    if block_n is None or (block_n > chunk and any(n % block_n for n in widths)):
+        block_n = min(chunk, EXPAND_BLOCK_N)
     if num_warps is None:
         wide_few = meta.num_tiles < 16 and meta.max_rank > 32
         num_warps = EXPAND_WARPS_FEW_WIDE if wide_few else EXPAND_WARPS
     if block_r is None:
         block_r = EXPAND_RANK_TILE
-    if dot_block_n is None or block_n % dot_block_n:
-        dot_block_n = min(block_n, DOT_BLOCK_N)
     if group_n < 1 or any((n // block_n) % group_n for n in widths):
         group_n = 1
     s_width = s.shape[1] // len(modules)
@@ -201,7 +193,7 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
                          s.stride(0), y0.stride(0), s_width, packed, ns[0], ns[1], ns[2],
                          offs[1], offs[2],
                          CHUNK=chunk, CPP=chunks_per_page, BLOCK_M=block_m, BLOCK_N=block_n,
-                         BLOCK_R=block_r, GROUP_N=group_n, DOT_N=dot_block_n,
+                         BLOCK_R=block_r, GROUP_N=group_n,
                          PRECISION=dot_precision(pool_layer.dtype),
                          num_warps=num_warps, num_stages=num_stages)
 
