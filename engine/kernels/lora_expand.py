@@ -108,13 +108,15 @@ def _expand_tile(s_ptr, y_ptr, pool_ptr, pages_ptr, row0, row_end, rank, first, 
 
 # One warp per tile; more when few tiles hold wide ranks (the H200 sweep).
 EXPAND_WARPS, EXPAND_WARPS_FEW_WIDE = 1, 4
-# A program's block: 16 rank rows by 128 columns (at most a chunk). At decode batch 64 on the
-# H200 (one warp, graph metadata; bench/results/lora-variants-2026-12-01T0156-*.json, ...T0200-*)
-# it beat 32 x 128 (the rule before) in every case swept: q,k,v / o_proj expand on S2's rank mix
-# with one adapter a row 25.8 / 10.5 us against 28.7 / 11.9, on 5 adapters 10.7 / 7.9 against
-# 12.5 / 8.8, at rank 64 39.8 against 42.8 for q,k,v. 256 columns was faster with one adapter a
-# row (23.9 / 10.7 on the mix, 35.1 at rank 64) but slower on 5 adapters (13.4 / 12.7).
-EXPAND_RANK_TILE, EXPAND_BLOCK_N = 16, 128
+# A program's block: 16 rank rows by 256 columns (two chunks of a 7B shape). At decode batch 64
+# on the H200 (one warp, graph metadata; bench/results/lora-variants-2026-12-01T0156-*.json,
+# ...T0200-mix-new-rule.json) against 32 x 128, the rule before, the q,k,v / o_proj expand took,
+# one adapter a row: S2's rank mix 23.4 / 10.6 us against 28.3 / 11.7, rank 64 35.1 / 11.6
+# against 42.8 / 13.1 (rank 16: 11.3 / 5.3 against 12.4 / 6.6 at 16 x 128); on 5 adapters
+# (16-row tiles) it lost: 13.4 / 12.7 against 12.5 / 8.8, about 0.15 ms a 7B decode step, where
+# many adapters a step gain 0.19 (S2's mix) to 0.29 ms (rank 64). 16 x 128 beat 32 x 128 on the
+# mix and on 5 adapters but lost for o_proj at rank 64 (16.4 us).
+EXPAND_RANK_TILE, EXPAND_BLOCK_N = 16, 256
 # Benchmarks compare another rule in one call: LORAPLANE_LORA_EXPAND_TILE=32x128 (rank rows x
 # columns).
 if _tile := os.environ.get("LORAPLANE_LORA_EXPAND_TILE"):
@@ -172,11 +174,13 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
         raise ValueError(f"output widths {widths} are not multiples of the chunk {chunk}")
     if meta.num_tiles == 0:
         return
-    # Blocks wider than a chunk (asked for: a page lookup per chunk instead of per rank row)
-    # must tile every width exactly (the kernel counts a member's blocks as width // BLOCK_N);
-    # else at most a chunk.
-    if block_n is None or (block_n > chunk and any(n % block_n for n in widths)):
-        block_n = min(chunk, EXPAND_BLOCK_N)
+    # Blocks wider than a chunk (a page lookup per chunk instead of per rank row) must tile
+    # every width exactly (the kernel counts a member's blocks as width // BLOCK_N); else at
+    # most a chunk, 128 columns.
+    if block_n is None:
+        block_n = EXPAND_BLOCK_N
+    if block_n > chunk and any(n % block_n for n in widths):
+        block_n = min(chunk, 128)
     if num_warps is None:
         wide_few = meta.num_tiles < 16 and meta.max_rank > 32
         num_warps = EXPAND_WARPS_FEW_WIDE if wide_few else EXPAND_WARPS
