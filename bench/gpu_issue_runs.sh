@@ -97,9 +97,9 @@ summary() {
     -e "^versions" -e "^machine" | tail -40
 }
 case $part in
-e14)  # one H200, ~4 min: tiles of several rows multiplying 128 columns at a time inside the
-     # expand's 256-column blocks: launch variants on S2's rank mix (64 and 5 adapters), then
-     # #3's S2 ratios (0 / 1,000 / 5 / 2,000 adapters) one run after another
+e14)  # one H200, ~4 min: launch variants on S2's rank mix (64 and 5 adapters), then part e12
+     # (run at 648b940 for an experiment since removed: 16-row tiles multiplying 128 columns
+     # at a time inside the 256-column block; the S2 runs right after the sweep ran hot)
   timeout 150 python3 bench/kernels/lora_variants.py --ranks 0 --adapters 0 5 --static \
     --out "$out" 2>&1 | grep -v -i warn | grep -v "^{'rank'" | tail -6
   bash "$0" e12 "$out" ;;
