@@ -166,9 +166,9 @@ for f in glob.glob(sys.argv[1] + "/lora-variants-*.json"):
         for c in ex: print("  E", c)
 PY
   mkdir -p /tmp/logs; mv "$out"/*.log /tmp/logs/; ls "$out" ;;
-e9)  # two H200, ~4 min: the expand's launch variants with rank tiles of 16 and column blocks
-    # grouped per program (GROUP_N): S2's rank mix at batch 64 as a decode graph holds it
-    # (GPU 0); one adapter a row at rank 16 and 64, then the LoRA kernel bench (GPU 1)
+e9)  # two H200, ~4 min: the expand's launch variants with rank tiles of 16 (at e94f260 also
+    # column blocks grouped per program, since removed): S2's rank mix at batch 64 as a decode
+    # graph holds it (GPU 0); one adapter a row at rank 16 and 64, then the kernel bench (GPU 1)
   (export CUDA_VISIBLE_DEVICES=0
    timeout 280 python3 bench/kernels/lora_variants.py --ranks 0 --static --out "$out/mix" 2>&1 \
      | grep -v -i warn | tail -6

@@ -296,8 +296,8 @@ def test_split_k_rule() -> None:
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_expand_blocks_wider_than_a_chunk(case: int) -> None:
-    """An expand block of two chunks (a page lookup per chunk; the chunks may lie on two pages),
-    and two blocks a program, give the torch twin's result, alone and for a fused group."""
+    """An expand block of two chunks (a page lookup per chunk; the chunks may lie on two pages)
+    gives the torch twin's result, alone and for a fused group."""
     cfg = NAMED_SHAPES["tiny"]
     ranks, lengths, skip = CASES[case]
     pool, adapters, gen = setup(cfg, torch.float16, ranks, seed=30 + case)
@@ -318,12 +318,6 @@ def test_expand_blocks_wider_than_a_chunk(case: int) -> None:
     got = y0.clone()
     lora_expand(s, list(torch.split(got, widths, dim=1)), pool.data[layer], meta, list(group),
                 lay.chunk, lay.chunks_per_page, 16, block_n=2 * lay.chunk)
-    torch.testing.assert_close(got.float(), want.float(), atol=0.4, rtol=2e-2)
-    # Two column blocks of a chunk per program (every member's width holds an even number).
-    assert all(n // lay.chunk % 2 == 0 for n in widths)
-    got = y0.clone()
-    lora_expand(s, list(torch.split(got, widths, dim=1)), pool.data[layer], meta, list(group),
-                lay.chunk, lay.chunks_per_page, 16, group_n=2)
     torch.testing.assert_close(got.float(), want.float(), atol=0.4, rtol=2e-2)
     one = y0[:, :widths[0]].clone()
     ref = one.clone()

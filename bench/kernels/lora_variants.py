@@ -56,11 +56,10 @@ def shrink_grid(rank: int) -> list[dict]:
 
 def expand_grid(rank: int) -> list[dict]:
     # Rank tiles of 16 too above rank 16 (a [BLOCK_R, BLOCK_N] tile of B^T held by one warp
-    # limits how many programs an SM keeps resident), and column blocks grouped per program.
+    # limits how many programs an SM keeps resident).
     rs = [16] if rank <= 16 else [16, 32]
-    return [dict(block_r=br, block_n=bn, num_warps=w, num_stages=1, group_n=g)
-            for br, bn, w, g in itertools.product(rs, (128, 256, 512), (1, 2, 4), (1, 2))
-            if not (bn == 512 and g > 1)]
+    return [dict(block_r=br, block_n=bn, num_warps=w, num_stages=1)
+            for br, bn, w in itertools.product(rs, (128, 256, 512), (1, 2, 4))]
 
 
 def main() -> None:

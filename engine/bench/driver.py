@@ -179,11 +179,7 @@ def decode_lora_bytes(engine: LLMEngine, adapters: list[Adapter | None]) -> tupl
     config = engine.config
     size = engine.adapters.pool.data.element_size()
     used = {a for a in adapters if a is not None}
-    total = 0
-    for a in used:
-        spec = a.spec
-        per_rank = sum(sum(config.module_shape(m)) for m in spec.modules)  # A row + B column
-        total += spec.rank * per_rank * config.num_layers * size
+    total = sum(a.spec.elems_per_layer(config) for a in used) * config.num_layers * size
     return len(used), total
 
 

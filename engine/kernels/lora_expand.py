@@ -26,15 +26,14 @@ from loraplane.engine.kernels.lora_meta import (
 def _expand_kernel(s_ptr, y_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pages_ptr,
                    stride_sm, stride_ym, s_width, modules, N0, N1, N2, Y1, Y2,
                    CHUNK: tl.constexpr, CPP: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_N: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    PRECISION: tl.constexpr):
     tile = tl.program_id(0)
-    # Axis 1 enumerates groups of GROUP_N column blocks of up to three members of a fused
-    # group side by side (N1 = N2 = 0 for one module): member j has width Nj (a multiple of
-    # GROUP_N * BLOCK_N, so a group lies in one member), its output starts Yj columns after
+    # Axis 1 enumerates the column blocks of up to three members of a fused group side by side
+    # (N1 = N2 = 0 for one module): member j has width Nj, its output starts Yj columns after
     # member 0's, its shrink block j * s_width columns into s; `modules` packs their module
     # indices 4 bits each.
-    col_block = tl.program_id(1) * GROUP_N
+    col_block = tl.program_id(1)
     nb0 = N0 // BLOCK_N
     nb01 = nb0 + N1 // BLOCK_N
     in1 = col_block >= nb0
@@ -48,20 +47,17 @@ def _expand_kernel(s_ptr, y_ptr, pool_ptr, tiles_ptr, segs_ptr, offsets_ptr, pag
                                                         module, 1)
     if first < 0:
         return
-    # The tile's metadata is read once for its GROUP_N column blocks.
-    for g in range(GROUP_N):
-        n0 = (col_block + g) * BLOCK_N
-        # A tile of one row (a decode row whose adapter no other row of the step uses) takes
-        # the multiply-and-sum path (27-31% faster for the expand at batch 64, one adapter a
-        # row: see the shrink's note); wider tiles keep the matrix product.
-        if row_end - row0 == 1:
-            _expand_tile(s_ptr, y_ptr, pool_ptr, pages_ptr, row0, row_end, rank, first,
-                         page_off, stride_sm, stride_ym, j * s_width, y_col, n0, N, CHUNK,
-                         CPP, BLOCK_M, BLOCK_N, BLOCK_R, True, PRECISION)
-        else:
-            _expand_tile(s_ptr, y_ptr, pool_ptr, pages_ptr, row0, row_end, rank, first,
-                         page_off, stride_sm, stride_ym, j * s_width, y_col, n0, N, CHUNK,
-                         CPP, BLOCK_M, BLOCK_N, BLOCK_R, False, PRECISION)
+    # A tile of one row (a decode row whose adapter no other row of the step uses) takes the
+    # multiply-and-sum path (27-31% faster for the expand at batch 64, one adapter a row: see
+    # the shrink's note); wider tiles keep the matrix product.
+    if row_end - row0 == 1:
+        _expand_tile(s_ptr, y_ptr, pool_ptr, pages_ptr, row0, row_end, rank, first, page_off,
+                     stride_sm, stride_ym, j * s_width, y_col, col_block * BLOCK_N, N, CHUNK,
+                     CPP, BLOCK_M, BLOCK_N, BLOCK_R, True, PRECISION)
+    else:
+        _expand_tile(s_ptr, y_ptr, pool_ptr, pages_ptr, row0, row_end, rank, first, page_off,
+                     stride_sm, stride_ym, j * s_width, y_col, col_block * BLOCK_N, N, CHUNK,
+                     CPP, BLOCK_M, BLOCK_N, BLOCK_R, False, PRECISION)
 
 
 @triton.jit
@@ -119,8 +115,13 @@ EXPAND_WARPS, EXPAND_WARPS_FEW_WIDE = 1, 4
 EXPAND_RANK_TILE, EXPAND_BLOCK_N = 16, 256
 # Benchmarks compare another rule in one call: LORAPLANE_LORA_EXPAND_TILE=32x128 (rank rows x
 # columns).
-if _tile := os.environ.get("LORAPLANE_LORA_EXPAND_TILE"):
-    EXPAND_RANK_TILE, EXPAND_BLOCK_N = (int(v) for v in _tile.split("x"))
+EXPAND_TILE_ENV = "LORAPLANE_LORA_EXPAND_TILE"
+if _tile := os.environ.get(EXPAND_TILE_ENV):
+    try:
+        EXPAND_RANK_TILE, EXPAND_BLOCK_N = (int(v) for v in _tile.split("x"))
+    except ValueError:
+        raise ValueError(f"{EXPAND_TILE_ENV}={_tile!r}: expected RANKSxCOLUMNS, e.g. 32x128") \
+            from None
 
 
 def column_offsets(ys: Sequence[torch.Tensor]) -> list[int] | None:
@@ -145,8 +146,7 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
                 pool_layer: torch.Tensor, meta: LoraKernelMeta, module: str | Sequence[str],
                 chunk: int, chunks_per_page: int, block_m: int, block_n: int | None = None,
                 num_warps: int | None = None, num_stages: int = 1,
-                offsets: list[int] | None = None, block_r: int | None = None,
-                group_n: int = 1) -> None:
+                offsets: list[int] | None = None, block_r: int | None = None) -> None:
     """y [T, N] += s [T, >= max_rank] · B^T for each segment's adapter, in place.
 
     A fused group in one launch: `module` up to three modules and `y` their outputs, column
@@ -156,8 +156,7 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
     s may be one module's column block of a fused shrink's output (row stride larger than its
     width). On the H200 one warp per [16 x 128] output tile was fastest from 16 rows up
     (bench/results/lora-kernels-nvidia-h200-2026-11-30-sweep.json); few rows of wide ranks
-    want more warps. `group_n`: column blocks a program takes (its tile's metadata read once
-    for them); 1 when it does not divide every member's block count."""
+    want more warps."""
     modules = [module] if isinstance(module, str) else list(module)
     ys = [y] if isinstance(y, torch.Tensor) else list(y)
     if not 0 < len(modules) == len(ys) <= 3:
@@ -186,19 +185,16 @@ def lora_expand(s: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor],
         num_warps = EXPAND_WARPS_FEW_WIDE if wide_few else EXPAND_WARPS
     if block_r is None:
         block_r = EXPAND_RANK_TILE
-    if group_n < 1 or any((n // block_n) % group_n for n in widths):
-        group_n = 1
     s_width = s.shape[1] // len(modules)
     ns = widths + [0] * (3 - len(widths))
     offs += [0] * (3 - len(offs))
     packed = pack_modules(modules)
-    grid = (meta.num_tiles, sum(triton.cdiv(n, block_n) for n in widths) // group_n)
+    grid = (meta.num_tiles, sum(triton.cdiv(n, block_n) for n in widths))
     _expand_kernel[grid](s, y0, pool_layer, meta.tiles, meta.segs, meta.offsets, meta.pages,
                          s.stride(0), y0.stride(0), s_width, packed, ns[0], ns[1], ns[2],
                          offs[1], offs[2],
                          CHUNK=chunk, CPP=chunks_per_page, BLOCK_M=block_m, BLOCK_N=block_n,
-                         BLOCK_R=block_r, GROUP_N=group_n,
-                         PRECISION=dot_precision(pool_layer.dtype),
+                         BLOCK_R=block_r, PRECISION=dot_precision(pool_layer.dtype),
                          num_warps=num_warps, num_stages=num_stages)
 
 
